@@ -1,0 +1,3 @@
+from greenrun.cli import main
+
+raise SystemExit(main())

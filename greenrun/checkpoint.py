@@ -1,0 +1,246 @@
+"""Checkpoints that commit: write everything, hash it, write the manifest last, then rename into place.
+
+A checkpoint is the directory `checkpoints/step-<N>/` holding
+  model.safetensors   model weights (tied tensors stored once)
+  optimizer.pt        optimizer state (tensors and numbers only: loads with weights_only=True)
+  trainer.pt          step, loss scaler, RNG states, best validation loss
+  manifest.json       step, config hash, versions, and every file's size and sha256 - written last
+A directory without a manifest, or whose files do not match it, is not a checkpoint: loading skips it for the
+previous good one and says so. Nothing here ever unpickles code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import greenrun
+
+FORMAT = 1
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = ".tmp-"
+FILES = ("model.safetensors", "optimizer.pt", "trainer.pt")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 250  # steps between checkpoints (0 = only at the end and on stop/preemption)
+    keep_last: int = 2  # committed checkpoints kept; the newest valid one is never deleted
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that fails verification."""
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step:08d}"
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- snapshot: copy state off the device so writing can happen while training continues ---------------
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights share storage; safetensors refuses that, so keep one name and record the aliases."""
+    first: dict[tuple[int, int, tuple], str] = {}
+    unique, aliases = {}, {}
+    for name, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in first:
+            aliases[name] = first[ident]
+        else:
+            first[ident] = name
+            unique[name] = t
+    return unique, aliases
+
+
+def to_cpu(obj: Any) -> Any:
+    """Deep copy of a state tree with every tensor on the CPU (a real copy: the live tensors keep changing)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Snapshot:
+    step: int
+    model: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    optimizer: dict
+    trainer: dict
+    meta: dict
+
+
+# --- write and commit ---------------------------------------------------------------------------------
+
+
+def write(snapshot: Snapshot, ckpt_root: Path) -> Path:
+    """Write, verify and commit one checkpoint; returns its directory. Never touches older checkpoints."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(ckpt_root, snapshot.step)
+    tmp = ckpt_root / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(snapshot.model, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
+        torch.save(snapshot.optimizer, tmp / "optimizer.pt")
+        torch.save(snapshot.trainer, tmp / "trainer.pt")
+        manifest = {
+            "format": FORMAT,
+            "step": snapshot.step,
+            "created": time.time(),
+            "greenrun": greenrun.__version__,
+            "torch": torch.__version__,
+            "aliases": snapshot.aliases,
+            **snapshot.meta,
+            "files": {
+                name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                for name in FILES
+            },
+        }
+        for name in FILES:
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            if verify(final) is None:
+                # Same step already committed (a resumed run redid it): the committed one stands.
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            final.rename(ckpt_root / f".corrupt-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        return final
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- verify and load ----------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: no readable manifest.json ({e.__class__.__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path.name}: manifest.json has an unknown format")
+    return manifest
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and every file matches its manifest, else the reason."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        return str(e)
+    files = manifest.get("files", {})
+    if set(files) != set(FILES):
+        return f"{path.name}: manifest lists {sorted(files)}, expected {list(FILES)}"
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{path.name}/{name}: missing"
+        if f.stat().st_size != entry["size"]:
+            return (
+                f"{path.name}/{name}: size {f.stat().st_size} != {entry['size']} in the manifest (truncated?)"
+            )
+        if sha256_file(f) != entry["sha256"]:
+            return f"{path.name}/{name}: sha256 does not match the manifest (corrupted)"
+    return None
+
+
+def committed(ckpt_root: Path) -> list[Path]:
+    """Step directories that carry a manifest, newest first (not yet verified)."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name) and (p / "manifest.json").is_file()]
+    return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def latest_valid(ckpt_root: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint whose files all verify; each skipped one is reported through `warn`."""
+    for path in committed(ckpt_root):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {problem}; falling back to the previous one")
+    return None
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict, dict, dict]:
+    """(model state, optimizer state, trainer state, manifest) of a verified checkpoint."""
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    manifest = read_manifest(path)
+    model_state = load_file(str(path / "model.safetensors"), device=str(map_location))
+    for alias, target in manifest.get("aliases", {}).items():
+        model_state[alias] = model_state[target]
+    try:
+        optim_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything that would run code
+        raise CheckpointError(f"{path.name}: refused to load ({str(e).splitlines()[0]})") from None
+    return model_state, optim_state, trainer_state, manifest
+
+
+# --- housekeeping ----------------------------------------------------------------------------------------
+
+
+def clean_stale(ckpt_root: Path) -> list[Path]:
+    """Remove temp directories a crashed writer left behind; they never held a committed checkpoint."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def prune(ckpt_root: Path, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Delete committed checkpoints beyond the newest `keep_last`, never the newest valid one or `protect`."""
+    newest_valid = latest_valid(ckpt_root, warn=lambda _: None)
+    removed = []
+    for path in committed(ckpt_root)[max(1, keep_last) :]:
+        if path in (newest_valid, protect):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

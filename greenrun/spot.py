@@ -1,0 +1,287 @@
+"""Survive spot/preemptible GPUs: turn a preemption into a flag the trainer checks between steps.
+
+Signals (SIGTERM from torchrun/Kubernetes/systemd, SIGINT from a terminal, SIGUSR1 from SLURM's
+`--signal=USR1@90`) and cloud metadata notices (AWS, GCP, Azure) all end up in one place: the first one
+sets `requested`; the trainer sees it at the next step boundary, writes an emergency checkpoint, calls
+`finished()` and exits with EXIT_PREEMPTED. A second signal raises PreemptionAbort, and a watchdog ends the
+process with EXIT_ABORTED if no checkpoint is committed within `deadline_s`.
+"""
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a clean emergency checkpoint exists, so schedulers should simply retry
+EXIT_ABORTED = 76  # the deadline passed or a second signal came: the newest checkpoint may be an older one
+
+PROVIDERS = ("none", "aws", "gcp", "azure")
+DEFAULT_METADATA_URLS = {
+    "aws": "http://169.254.169.254",
+    "gcp": "http://metadata.google.internal",
+    "azure": "http://169.254.169.254",
+}
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# One slow request must not hold up the next poll or close(); the metadata services answer in milliseconds.
+_HTTP_TIMEOUT_S = 1.0
+_AWS_TOKEN_TTL_S = 21600  # the IMDSv2 maximum (6 h); the token is refreshed at 80 % of it
+# Ctrl-C under torchrun reaches a worker twice (from the terminal and forwarded by torchrun) within
+# milliseconds; that is one request to stop, not an impatient second one.
+_DUPLICATE_WINDOW_S = 1.0
+_ON_ABORT_TIMEOUT_S = 2.0  # a hung on_abort must not eat the slack left before the platform's SIGKILL
+_WATCHDOG_TICK_S = 0.05
+
+
+@dataclass
+class SpotConfig:
+    provider: str = "none"  # none | aws | gcp | azure: metadata service to poll; signals are always handled
+    metadata_url: str | None = None  # metadata base URL override (tests); None = the provider's default
+    poll_interval_s: float = 5.0  # seconds between metadata polls, > 0 (AWS warns 120 s ahead, GCP ~30 s)
+    deadline_s: float = 25.0  # seconds from notice/signal to a committed emergency checkpoint, > 0
+
+
+def validate(cfg: SpotConfig) -> list[str]:
+    """Return human-readable problems with `cfg` (empty when it is usable)."""
+    problems = []
+    provider = str(cfg.provider)
+    if provider not in PROVIDERS:
+        close = difflib.get_close_matches(provider.lower(), PROVIDERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        problems.append(f"spot.provider={provider!r} is not one of {', '.join(PROVIDERS)}{hint}")
+    if not cfg.poll_interval_s > 0:  # written this way so NaN is rejected too
+        problems.append(f"spot.poll_interval_s must be > 0 seconds (got {cfg.poll_interval_s})")
+    if not cfg.deadline_s > 0:
+        problems.append(f"spot.deadline_s must be > 0 seconds (got {cfg.deadline_s})")
+    if cfg.metadata_url is not None and not str(cfg.metadata_url).startswith(("http://", "https://")):
+        problems.append(f"spot.metadata_url must start with http:// or https:// (got {cfg.metadata_url!r})")
+    return problems
+
+
+class PreemptionAbort(BaseException):
+    """Raised in the main thread by a second signal while stopping.
+
+    A BaseException so that `except Exception` in training code cannot swallow it, while `finally` blocks
+    still run and remove half-written checkpoint files.
+    """
+
+    exit_code = EXIT_ABORTED
+
+
+class PreemptionWatcher:
+    """Collects preemption signals and metadata notices into `requested`; enforces the checkpoint deadline."""
+
+    def __init__(self, cfg: SpotConfig, on_abort: Callable[[str], None] | None = None) -> None:
+        problems = validate(cfg)
+        if problems:
+            raise ValueError("invalid spot config: " + "; ".join(problems))
+        self.cfg = cfg
+        self.on_abort = on_abort  # called once, with the reason, right before the run is aborted
+        self.requested = False
+        self.reason = ""
+        self.notice_time: float | None = None  # time.monotonic() of the first signal or notice
+        self._base_url = (cfg.metadata_url or DEFAULT_METADATA_URLS.get(cfg.provider, "")).rstrip("/")
+        # Metadata addresses are link-local: an http_proxy from the environment would only break them.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        # Re-entrant: a signal handler can interrupt the main thread while it holds the lock.
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._previous_handlers: dict[int, Any] = {}
+        self._first_signal_at: float | None = None
+        self._finished = False
+        self._aborting = False
+        self._aws_token: str | None = None
+        self._aws_token_refresh_at = 0.0
+
+    def start(self) -> "PreemptionWatcher":
+        """Install the signal handlers (main thread only) and start the watchdog and the poller."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        else:
+            log.warning("PreemptionWatcher started off the main thread: only metadata notices are watched")
+        self._spawn(self._watchdog, "greenrun-spot-watchdog")
+        if self.cfg.provider != "none":
+            self._spawn(self._poll_loop, f"greenrun-spot-{self.cfg.provider}")
+        return self
+
+    def close(self) -> None:
+        """Stop the threads and put the previous signal handlers back."""
+        self._stop.set()
+        for sig, previous in self._previous_handlers.items():
+            # None means the handler was not installed from Python; the default is the closest thing.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous_handlers.clear()
+        for thread in self._threads:
+            thread.join(timeout=2 * _HTTP_TIMEOUT_S)  # a poll may be mid-request; they are daemons anyway
+        self._threads.clear()
+
+    def __enter__(self) -> "PreemptionWatcher":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def finished(self) -> None:
+        """Declare the emergency checkpoint committed, so the deadline watchdog stands down."""
+        self._finished = True
+
+    def remaining_s(self) -> float:
+        """Seconds left before the deadline (may reach 0); inf while no preemption was requested."""
+        if self.notice_time is None:
+            return math.inf
+        return max(0.0, self.cfg.deadline_s - (time.monotonic() - self.notice_time))
+
+    # --- signals and the deadline ---------------------------------------------------------------------
+
+    def _request(self, reason: str) -> None:
+        with self._lock:
+            if self.requested:
+                return
+            self.notice_time = time.monotonic()  # before `requested`, so readers of the flag see a time
+            self.reason = reason
+            self.requested = True
+        log.warning("preemption (%s): emergency checkpoint due within %g s", reason, self.cfg.deadline_s)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Never raise on the first signal: an exception in the middle of a step or an optimizer update
+        # would leave nothing consistent to checkpoint.
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._first_signal_at is None:
+            self._first_signal_at = now
+            self._request(name)  # a no-op when a metadata notice came first: it is the same preemption
+            return
+        since_first = now - self._first_signal_at
+        if since_first < _DUPLICATE_WINDOW_S:
+            log.info("ignoring %s %.3f s after the first signal (duplicate delivery)", name, since_first)
+            return
+        why = f"second signal {name} while stopping for {self.reason}"
+        log.error("%s: aborting", why)
+        self._call_on_abort(why)
+        raise PreemptionAbort(why)
+
+    def _call_on_abort(self, why: str) -> None:
+        with self._lock:
+            if self._aborting:
+                return
+            self._aborting = True
+        if self.on_abort is None:
+            return
+        try:
+            self.on_abort(why)
+        except Exception:
+            log.exception("on_abort callback failed")
+
+    def _watchdog(self) -> None:
+        while not self._stop.wait(_WATCHDOG_TICK_S):
+            if self._finished or self.notice_time is None or self.remaining_s() > 0:
+                continue
+            why = f"no checkpoint committed {self.cfg.deadline_s:g} s after {self.reason}"
+            log.error("%s: exiting with %d before the platform kills the process", why, EXIT_ABORTED)
+            helper = threading.Thread(target=self._call_on_abort, args=(why,), daemon=True)
+            helper.start()
+            helper.join(_ON_ABORT_TIMEOUT_S)
+            for stream in (sys.stdout, sys.stderr):  # os._exit skips this, and the last words matter
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            # os._exit, not sys.exit: the main thread is stuck (that is why we are here) and would never
+            # get to unwind; the exit code tells the launcher to resume from the previous checkpoint.
+            os._exit(EXIT_ABORTED)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # --- metadata polling -----------------------------------------------------------------------------
+
+    def _poll_loop(self) -> None:
+        checks = {"aws": self._check_aws, "gcp": self._check_gcp, "azure": self._check_azure}
+        check = checks[self.cfg.provider]
+        failures = 0
+        while not self.requested and not self._stop.is_set():
+            try:
+                notice = check()
+            except Exception as exc:  # a poller problem must never take the training run down with it
+                failures += 1
+                level = logging.INFO if failures == 1 else logging.DEBUG
+                log.log(level, "%s metadata poll failed (will keep trying): %s", self.cfg.provider, exc)
+            else:
+                if failures:
+                    log.info("%s metadata reachable again after %d failures", self.cfg.provider, failures)
+                    failures = 0
+                if notice:
+                    self._request(notice)
+                    return
+            self._stop.wait(self.cfg.poll_interval_s)
+
+    def _http(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
+        request = urllib.request.Request(self._base_url + path, method=method, headers=headers)
+        try:
+            with self._opener.open(request, timeout=_HTTP_TIMEOUT_S) as response:
+                return response.status, response.read(65536).decode("utf-8", "replace")
+        except urllib.error.HTTPError as err:  # 404 and 401 carry meaning here, so return them
+            err.close()
+            return err.code, ""
+
+    def _aws_token_now(self) -> str:
+        if self._aws_token is None or time.monotonic() >= self._aws_token_refresh_at:
+            ttl = {"X-aws-ec2-metadata-token-ttl-seconds": str(_AWS_TOKEN_TTL_S)}
+            try:
+                status, token = self._http("PUT", "/latest/api/token", ttl)
+            except OSError as exc:
+                # The PUT reply is dropped after one network hop: the classic symptom inside a container.
+                raise OSError(
+                    f"IMDSv2 token request failed ({exc}); in a container the instance needs "
+                    "HttpPutResponseHopLimit >= 2"
+                ) from exc
+            if status != 200:
+                raise OSError(f"IMDSv2 token request returned HTTP {status}")
+            self._aws_token = token.strip()
+            self._aws_token_refresh_at = time.monotonic() + 0.8 * _AWS_TOKEN_TTL_S
+        return self._aws_token
+
+    def _check_aws(self) -> str | None:
+        for _ in range(2):
+            headers = {"X-aws-ec2-metadata-token": self._aws_token_now()}
+            status, body = self._http("GET", "/latest/meta-data/spot/instance-action", headers)
+            if status != 401:
+                break
+            self._aws_token = None  # invalidated early (e.g. by a stop/start): retry once with a fresh token
+        if status == 404:  # IMDS's way of saying "no interruption scheduled"
+            return None
+        if status != 200:
+            raise OSError(f"spot/instance-action returned HTTP {status}")
+        action = json.loads(body)
+        return f"aws spot notice: {action.get('action', '?')} at {action.get('time', '?')}"
+
+    def _check_gcp(self) -> str | None:
+        path = "/computeMetadata/v1/instance/preempted"
+        status, body = self._http("GET", path, {"Metadata-Flavor": "Google"})
+        if status != 200:
+            raise OSError(f"instance/preempted returned HTTP {status}")
+        return "gcp preempted: TRUE" if body.strip().upper() == "TRUE" else None
+
+    def _check_azure(self) -> str | None:
+        path = "/metadata/scheduledevents?api-version=2020-07-01"
+        status, body = self._http("GET", path, {"Metadata": "true"})
+        if status != 200:
+            raise OSError(f"scheduledevents returned HTTP {status}")
+        for event in json.loads(body).get("Events", []):
+            if event.get("EventType") == "Preempt":
+                return f"azure scheduled event: Preempt not before {event.get('NotBefore', '?')}"
+        return None

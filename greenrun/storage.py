@@ -1,0 +1,500 @@
+"""Where checkpoints live: a local directory or an S3-compatible bucket, behind one small interface.
+
+Checkpoints must survive spot preemption, so every write is all-or-nothing: a local file appears through
+os.replace, an S3 object through one PUT or a multipart upload that is aborted on any failure. Commit
+markers are written with ``if_none_match=True`` so that exactly one writer wins.
+
+S3 credentials come only from boto3's default chain (env vars, ~/.aws, SSO, instance or container role);
+no config field holds them and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import boto3
+from boto3.exceptions import RetriesExceededError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("local", "s3")
+RETRY_MODES = ("standard", "adaptive")
+MIN_PART_SIZE_MB = 8  # every part but the last has exactly part_size_mb; R2 wants equal parts, AWS >= 5 MiB
+MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60  # a 16 MiB part on a slow link still answers well within this
+_MIB = 1024 * 1024
+_TMP_PREFIX = ".greenrun-tmp-"  # local temp files; list() hides them, abort_stale_uploads() removes them
+_KEY_RE = re.compile(r"[A-Za-z0-9._/=-]+")
+_SDK_LOGGERS = ("boto3", "botocore", "s3transfer", "urllib3")
+# Error codes that mean "these credentials may not do this", as opposed to "this does not exist".
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
+_ACCESS_CODES |= {"InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"}
+
+
+@dataclass
+class StorageConfig:
+    kind: str = "local"  # local | s3
+    bucket: str = ""  # S3 bucket name, required for kind=s3 (no s3:// and no slashes)
+    prefix: str = ""  # key prefix under which runs live, e.g. "greenrun" ("" = bucket root)
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, a test server); None = AWS
+    region: str | None = None  # e.g. us-east-1; None = from the default chain (AWS_DEFAULT_REGION, ~/.aws)
+    retry_mode: str = "adaptive"  # standard | adaptive (adaptive also slows down on SlowDown throttling)
+    max_attempts: int = 10  # tries per S3 request, the first included (>= 1)
+    part_size_mb: int = 16  # MiB per multipart part, fixed; bigger files go up in parts (>= 8)
+    max_concurrency: int = 4  # parts uploaded / ranges downloaded in parallel (>= 1)
+
+
+class CommitConflict(Exception):
+    """An ``if_none_match=True`` write found the object already there: another writer won."""
+
+
+class StorageError(Exception):
+    """A storage operation failed for a reason other than a commit conflict; the message says why."""
+
+
+class ObjectNotFound(StorageError):
+    """get / get_bytes of a key that holds no object."""
+
+
+class Storage(Protocol):
+    """Keys are '/'-separated and relative; each backend adds its own root or prefix."""
+
+    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None: ...
+    def get(self, key: str, dst: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def list(self, prefix: str) -> list[str]: ...  # every key under prefix (plain string prefix), sorted
+    def delete(self, key: str) -> None: ...  # a missing key is not an error
+    def exists(self, key: str) -> bool: ...
+    def url(self, key: str) -> str: ...  # for messages only
+    def abort_stale_uploads(self, prefix: str) -> int: ...  # leftovers of interrupted writes; returns count
+
+
+def check_key(key: str) -> str:
+    """Return key if it is a safe relative key, else raise ValueError naming it."""
+    # The pattern already excludes backslashes and NUL; empty and '.' segments would alias other keys.
+    if (
+        not _KEY_RE.fullmatch(key)
+        or key.startswith("/")
+        or ".." in key
+        or any(part in ("", ".") for part in key.split("/"))
+    ):
+        raise ValueError(
+            f"invalid storage key {key!r}: keys are relative '/'-separated paths of A-Z a-z 0-9 . _ = - "
+            "without '..', backslashes, NUL or empty segments"
+        )
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    if prefix.rstrip("/"):
+        check_key(prefix.rstrip("/"))
+    return prefix
+
+
+class LocalStorage:
+    """Objects are files under root; writes go to a temp file in the same directory, then os.replace."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self.root):  # a symlink inside root could point elsewhere
+            raise ValueError(f"invalid storage key {key!r}: it resolves outside {self.root}")
+        return path
+
+    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None:
+        dst = self._path(key)
+        with open(src, "rb") as f:
+            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out, _MIB), exclusive=if_none_match)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+        _atomic_write(self._path(key), lambda out: out.write(data), exclusive=if_none_match)
+
+    def get(self, key: str, dst: Path) -> None:
+        try:
+            with open(self._path(key), "rb") as f:
+                _atomic_write(Path(dst), lambda out: shutil.copyfileobj(f, out, _MIB))
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object at {self.url(key)}") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object at {self.url(key)}") from None
+
+    def list(self, prefix: str) -> list[str]:
+        start = self.root / _check_prefix(prefix).rpartition("/")[0]  # deepest directory the prefix names
+        keys = []
+        for dirpath, _, filenames in os.walk(start):
+            for name in filenames:
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if not name.startswith(_TMP_PREFIX) and key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def url(self, key: str) -> str:
+        return str(self._path(key))
+
+    def abort_stale_uploads(self, prefix: str) -> int:
+        start = self.root / _check_prefix(prefix).rpartition("/")[0]
+        stale = [Path(d, n) for d, _, names in os.walk(start) for n in names if n.startswith(_TMP_PREFIX)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+
+def _atomic_write(dst: Path, fill: Callable[[IO[bytes]], Any], *, exclusive: bool = False) -> None:
+    """Write dst completely or not at all; with exclusive, fail with CommitConflict if dst exists."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=_TMP_PREFIX)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make checkpoints unreadable to other users
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())  # data must be on disk before the name points at it
+        if exclusive:
+            try:
+                os.link(tmp, dst)  # atomic create-if-absent of a complete file: exactly one writer wins
+            except FileExistsError:
+                raise CommitConflict(f"{dst} already exists") from None
+        else:
+            os.replace(tmp, dst)
+        dir_fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the new name itself survive a crash
+        finally:
+            os.close(dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def quiet_sdk_loggers() -> None:
+    """Cap AWS SDK loggers at WARNING: their DEBUG output includes signed request headers."""
+    for name in _SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:  # NOTSET (0) would inherit a DEBUG root
+            logger.setLevel(logging.WARNING)
+
+
+class S3Storage:
+    """Objects in an S3-compatible bucket under cfg.prefix.
+
+    Small objects go up in one PutObject. Files larger than one part go through a multipart upload
+    driven here rather than by boto3's transfer manager: that one cannot send IfNoneMatch, wraps the 412
+    into S3UploadFailedError, and swallows a failed abort at DEBUG level, leaving the upload (and its
+    billed parts) behind silently. Here any failure, Ctrl-C included, aborts, and a failed abort is logged
+    as a warning naming what abort_stale_uploads() will clean up.
+    """
+
+    list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum); tests lower it to exercise paging
+
+    def __init__(self, cfg: StorageConfig) -> None:
+        if cfg.part_size_mb < 5:
+            raise ValueError(f"storage.part_size_mb={cfg.part_size_mb} is below S3's 5 MiB minimum part")
+        quiet_sdk_loggers()
+        self.bucket = cfg.bucket
+        self.prefix = cfg.prefix.strip("/")
+        self.endpoint = cfg.endpoint_url or "AWS S3"
+        self.part_size = cfg.part_size_mb * _MIB
+        self.max_concurrency = cfg.max_concurrency
+        config = Config(
+            retries={"mode": cfg.retry_mode, "total_max_attempts": cfg.max_attempts},
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            max_pool_connections=max(10, 2 * cfg.max_concurrency),
+        )
+        # A private session: boto3's default session is shared process-wide and not thread-safe.
+        session = boto3.session.Session()
+        self.client = session.client(
+            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config
+        )
+        self._download_config = TransferConfig(
+            multipart_threshold=self.part_size,
+            multipart_chunksize=self.part_size,
+            max_concurrency=cfg.max_concurrency,
+            preferred_transfer_client="classic",  # CRT (auto-picked on some instances) has its own retries
+        )
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
+
+    def _full_prefix(self, prefix: str) -> str:
+        return f"{self.prefix}/{_check_prefix(prefix)}" if self.prefix else _check_prefix(prefix)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None:
+        full, size = self._full(key), os.path.getsize(src)
+        if size <= self.part_size:
+            self._put_object(full, Path(src).read_bytes(), if_none_match)
+        else:
+            self._put_multipart(full, Path(src), size, if_none_match)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+        self._put_object(self._full(key), data, if_none_match)
+
+    def _put_object(self, full: str, data: bytes, if_none_match: bool) -> None:
+        condition = {"IfNoneMatch": "*"} if if_none_match else {}
+        for attempt in range(1, 4):
+            with self._failing("write", full):
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition)
+                    return
+                except ClientError as e:
+                    if if_none_match and _status(e) == 412:
+                        if _was_retried(e) and self._etag_or_none(full) == hashlib.md5(data).hexdigest():
+                            return  # our first attempt landed but its answer was lost; the retry saw it
+                        raise CommitConflict(f"s3://{self.bucket}/{full} already exists") from None
+                    if _code(e) != "ConditionalRequestConflict" or attempt == 3:
+                        raise
+                    time.sleep(0.5 * attempt)  # a concurrent conditional write to this key is in flight
+
+    def _put_multipart(self, full: str, src: Path, size: int, if_none_match: bool) -> None:
+        count = -(-size // self.part_size)
+        if count > MAX_PARTS:
+            raise StorageError(
+                f"{src} needs {count} parts, S3 allows {MAX_PARTS}: raise storage.part_size_mb"
+            )
+        with self._failing("start an upload to", full):
+            created = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32"
+            )
+        upload_id, completed = created["UploadId"], False
+        try:
+            with self._failing("upload", full):
+                parts = self._upload_parts(full, upload_id, src, count)
+                self._complete(full, upload_id, parts, if_none_match)
+            completed = True
+        finally:
+            if not completed:  # any failure, also KeyboardInterrupt/SystemExit from a signal handler
+                self._abort(full, upload_id)
+
+    def _upload_parts(self, full: str, upload_id: str, src: Path, count: int) -> list[dict]:
+        def send(number: int) -> dict:
+            with open(src, "rb") as f:
+                f.seek((number - 1) * self.part_size)
+                body = f.read(self.part_size)
+            args = {"Bucket": self.bucket, "Key": full, "UploadId": upload_id, "PartNumber": number}
+            response = self.client.upload_part(**args, Body=body, ChecksumAlgorithm="CRC32")
+            # Some S3-compatible stores do not echo the checksum; completion then goes without it.
+            checksum = {"ChecksumCRC32": response["ChecksumCRC32"]} if "ChecksumCRC32" in response else {}
+            return {"PartNumber": number, "ETag": response["ETag"], **checksum}
+
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="greenrun-upload")
+        try:
+            futures = [pool.submit(send, number) for number in range(1, count + 1)]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            # A part still in flight during the abort could outlive it and stay billed: drain first.
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [future.result() for future in futures]  # raises the first part's error, if any
+
+    def _complete(self, full: str, upload_id: str, parts: list[dict], if_none_match: bool) -> None:
+        condition = {"IfNoneMatch": "*"} if if_none_match else {}
+        args = {"Bucket": self.bucket, "Key": full, "UploadId": upload_id}
+        try:
+            self.client.complete_multipart_upload(**args, MultipartUpload={"Parts": parts}, **condition)
+        except ClientError as e:
+            if _was_retried(e) and self._etag_or_none(full) == _multipart_etag(parts):
+                return  # the first completion landed, its answer was lost, and the retry was refused
+            if if_none_match and _status(e) == 412:
+                raise CommitConflict(f"s3://{self.bucket}/{full} already exists") from None
+            raise
+
+    def _abort(self, full: str, upload_id: str) -> bool:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as e:
+            if _code(e) != "NoSuchUpload":
+                what = f"multipart upload {upload_id} of s3://{self.bucket}/{full}"
+                log.warning(
+                    "could not abort %s (%s); its parts stay billed until abort_stale_uploads() "
+                    "or a bucket lifecycle rule removes them",
+                    what,
+                    _code(e) or type(e).__name__,
+                )
+                return False
+        return True
+
+    def abort_stale_uploads(self, prefix: str) -> int:
+        """Abort every in-progress multipart upload under prefix; only safe when no writer is active there."""
+        full_prefix, aborted = self._full_prefix(prefix), 0
+        with self._failing("list uploads under", full_prefix):
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                aborted += sum(self._abort(u["Key"], u["UploadId"]) for u in page.get("Uploads", []))
+        return aborted
+
+    def get(self, key: str, dst: Path) -> None:
+        full, dst = self._full(key), Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=_TMP_PREFIX)
+        os.close(fd)
+        try:
+            with self._failing("read", full):
+                self.client.download_file(self.bucket, full, tmp, Config=self._download_config)
+            os.replace(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._failing("read", self._full(key)):
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+
+    def list(self, prefix: str) -> list[str]:
+        full_prefix, keys = self._full_prefix(prefix), []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        with self._failing("list", full_prefix):
+            paging = {"PageSize": self.list_page_size}
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full_prefix, PaginationConfig=paging
+            )
+            for page in pages:
+                keys += [item["Key"][strip:] for item in page.get("Contents", [])]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        with self._failing("delete", self._full(key)):
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))  # 204 for a missing key too
+
+    def exists(self, key: str) -> bool:
+        with self._failing("check", self._full(key)):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            except ClientError as e:
+                if _status(e) == 404:
+                    return False
+                raise
+        return True
+
+    def _etag_or_none(self, full: str) -> str | None:
+        """md5 hex of a PUT object's bytes; see _multipart_etag for uploads in parts (neither for SSE-KMS)."""
+        with contextlib.suppress(ClientError, BotoCoreError):
+            return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"].strip('"')
+        return None
+
+    @contextlib.contextmanager
+    def _failing(self, action: str, full: str) -> Iterator[None]:
+        """Turn SDK exceptions raised inside into a StorageError saying what failed where."""
+        try:
+            yield
+        except (ClientError, BotoCoreError, RetriesExceededError) as e:
+            raise self._error(e, action, full) from e
+
+    def _error(self, e: Exception, action: str, full: str) -> StorageError:
+        """A StorageError that says what failed where; botocore's text carries no credentials."""
+        where = f"s3://{self.bucket}/{full} (endpoint: {self.endpoint})"
+        code = _code(e)
+        if isinstance(e, NoCredentialsError) or code in _ACCESS_CODES:
+            return StorageError(
+                f"could not {action} {where}: {code or e}. Credentials come only from boto3's default chain "
+                f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY env vars, AWS_PROFILE and ~/.aws, SSO, or the "
+                f"instance/container role); make sure they grant access to bucket {self.bucket!r}"
+            )
+        if code == "NoSuchBucket":
+            return StorageError(
+                f"bucket {self.bucket!r} does not exist at {self.endpoint} (set storage.bucket)"
+            )
+        if code in ("NoSuchKey", "404"):
+            return ObjectNotFound(f"no object at {where}")
+        return StorageError(f"could not {action} {where}: {e}")
+
+
+def _response(e: Exception) -> dict:
+    return getattr(e, "response", None) or {}  # ClientErrors carry one; some BotoCoreErrors hold None
+
+
+def _code(e: Exception) -> str | None:
+    return _response(e).get("Error", {}).get("Code")
+
+
+def _status(e: Exception) -> int | None:
+    return _response(e).get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _was_retried(e: Exception) -> bool:
+    return _response(e).get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+
+
+def _multipart_etag(parts: list[dict]) -> str | None:
+    """S3's ETag for a completed multipart upload: md5 of the parts' binary md5s, then -<count>."""
+    try:
+        digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
+    except ValueError:  # not md5 hex (e.g. SSE-KMS): cannot tell, so treat as someone else's object
+        return None
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix')."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", url)
+    if not match:
+        raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket or s3://bucket/some/prefix)")
+    return match.group(1), match.group(2).strip("/")
+
+
+def validate(cfg: StorageConfig) -> list[str]:
+    """Problems with cfg, one readable sentence each; empty when it is usable."""
+    problems = []
+    if cfg.kind not in KINDS:
+        close = difflib.get_close_matches(cfg.kind.lower(), KINDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(f"storage.kind={cfg.kind!r} is not one of {', '.join(KINDS)}{hint}")
+    if cfg.kind == "s3" and cfg.bucket in ("", "???"):
+        problems.append("storage.bucket is required for storage=s3 (e.g. storage.bucket=my-bucket)")
+    elif "/" in cfg.bucket:
+        problems.append(
+            f"storage.bucket={cfg.bucket!r} must be a bare bucket name; put s3://bucket/prefix "
+            "into storage.bucket=bucket storage.prefix=prefix"
+        )
+    try:
+        _check_prefix(cfg.prefix.strip("/"))
+    except ValueError as e:
+        problems.append(f"storage.prefix: {e}")
+    if cfg.part_size_mb < MIN_PART_SIZE_MB:
+        problems.append(f"storage.part_size_mb={cfg.part_size_mb} must be >= {MIN_PART_SIZE_MB}")
+    if cfg.retry_mode not in RETRY_MODES:
+        problems.append(f"storage.retry_mode={cfg.retry_mode!r} is not one of {', '.join(RETRY_MODES)}")
+    if cfg.max_attempts < 1:
+        problems.append(f"storage.max_attempts={cfg.max_attempts} must be >= 1")
+    if cfg.max_concurrency < 1:
+        problems.append(f"storage.max_concurrency={cfg.max_concurrency} must be >= 1")
+    return problems
+
+
+def build(cfg: StorageConfig, local_root: Path) -> Storage:
+    """The storage backend cfg asks for; local_root is where kind=local keeps its files."""
+    problems = validate(cfg)
+    if problems:
+        raise ValueError("invalid storage config: " + "; ".join(problems))
+    return LocalStorage(local_root) if cfg.kind == "local" else S3Storage(cfg)

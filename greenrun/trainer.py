@@ -1,0 +1,286 @@
+"""The training loop: build the parts, step, evaluate, checkpoint. Reads top to bottom like a script.
+
+Batches are a pure function of (seed, step, micro-step, rank) and the schedule is a pure function of the step,
+so a checkpoint of model, optimizer, scaler, step and RNG states is all exact resume needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from greenrun import activation_checkpointing, checkpoint, data, distributed, model, optimizer, precision
+from greenrun.report import Reporter
+from greenrun.schedule import lr_at
+
+if TYPE_CHECKING:
+    from greenrun.config import Config
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 500  # optimizer steps in the whole run (schedules span all of them)
+    micro_batch_size: Any = 16  # sequences per forward/backward on each device
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = micro x accum x world)
+    eval_interval: int = 100  # steps between validation evaluations (also at step 0 and the last step)
+    eval_batches: int = 8  # micro-batches per validation evaluation
+    log_interval: int = 10  # steps between metrics.jsonl lines and progress updates
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    seed: int = 1337  # seeds init, data order and dropout
+    device: str = "auto"  # auto | cpu | cuda
+    stop_at_step: int | None = None  # commit a checkpoint at this step and exit 0 (train in slices)
+    compile: bool | None = None  # torch.compile the model; None = on for CUDA
+    sample_tokens: int = 120  # tokens generated for the sample printed at the end (0 = none)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        reporter: Reporter | None = None,
+        dist: distributed.Dist | None = None,
+    ):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.trainer
+        self.dist = dist or distributed.setup(t.device)
+        self.device = self.dist.device
+        self.reporter = reporter or Reporter(enabled=self.dist.is_main)
+        precision.configure_matmul(cfg.precision)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+
+        self.data = data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+        self.model = model.GPT(cfg.model).to(self.device)
+        self.recompute = activation_checkpointing.apply(self.model, cfg.activation_checkpointing)
+        self.optimizer = optimizer.build(cfg.optimizer, self.model)
+        self.scaler = precision.scaler(cfg.precision.name, self.device)
+        self.autocast = lambda: precision.autocast(cfg.precision.name, self.device)
+
+        self.train_model: torch.nn.Module = self.model
+        if t.compile if t.compile is not None else self.device.type == "cuda":
+            self.train_model = torch.compile(self.model)
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+        self.step = 0
+        self.best_val = math.inf
+        self.tokens_per_step = (
+            t.micro_batch_size * cfg.model.seq_len * t.grad_accum_steps * self.dist.world_size
+        )
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.last_val: float | None = None
+        self.first_val: float | None = None
+
+    # --- one optimizer step ---------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        lr = lr_at(self.step, self.cfg.schedule, self.cfg.optimizer.lr, t.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.train_model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum_steps):
+            x, y = self._batch("train", self.step, micro)
+            last = micro == t.grad_accum_steps - 1
+            sync = last or not isinstance(self.train_model, DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            with ctx:
+                with self.autocast():
+                    _, loss = self.train_model(x, y)
+                loss = loss / t.grad_accum_steps  # the sum over micro-batches is the mean of the big batch
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
+        )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_value = distributed.mean(total).item()
+        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def _batch(self, split: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.cfg.trainer
+        x, y = self.data.batch(
+            split, step, micro, self.dist.rank, t.micro_batch_size, self.cfg.model.seq_len, t.seed
+        )
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.train_model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(self.cfg.trainer.eval_batches):
+            x, y = self._batch("val", i, 0)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            total += loss.float()
+        return distributed.mean(total / self.cfg.trainer.eval_batches).item()
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        stop_at = t.stop_at_step or t.max_steps
+        start_step, t0 = self.step, time.perf_counter()
+        window_t, window_step = t0, self.step
+        if self.step == 0:
+            self._evaluate_and_log({"step": 0, "tokens": 0})
+        self.reporter.start(total=t.max_steps, completed=self.step)
+        while self.step < stop_at:
+            stats = self.train_step()
+            record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
+            last = self.step in (stop_at, t.max_steps)
+            if self.step % t.log_interval == 0 or last or self.step % t.eval_interval == 0:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                record["tok_per_s"] = (
+                    (self.step - window_step) * self.tokens_per_step / max(now - window_t, 1e-9)
+                )
+                window_t, window_step = now, self.step
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    self._evaluate_and_log(record)
+                else:
+                    self._log(record)
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(
+                    f"loss became {stats['loss']} at step {self.step}; lower optimizer.lr or use precision=bf16"
+                )
+            if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 and not last:
+                self.save_checkpoint()
+        self.reporter.stop()
+        self.save_checkpoint()
+        wall = time.perf_counter() - t0
+        trained_tokens = (self.step - start_step) * self.tokens_per_step
+        return {
+            "step": self.step,
+            "finished": self.step >= t.max_steps,
+            "first_val_loss": self.first_val,
+            "val_loss": self.last_val,
+            "tokens": self.step * self.tokens_per_step,
+            "wall_s": wall,
+            "tok_per_s": trained_tokens / max(wall, 1e-9),
+        }
+
+    def _evaluate_and_log(self, record: dict[str, Any]) -> None:
+        record["val_loss"] = self.evaluate()
+        self.last_val = record["val_loss"]
+        if self.first_val is None and record["step"] == 0:
+            self.first_val = record["val_loss"]
+        self.best_val = min(self.best_val, record["val_loss"])
+        self._log(record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.reporter.update(record)
+        if self.dist.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "best_val": self.best_val,
+                "first_val": self.first_val,
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+            },
+        }
+
+    def load_state_dict(self, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        self.step = int(trainer_state["step"])
+        self.best_val = float(trainer_state["best_val"])
+        self.first_val = trainer_state.get("first_val")
+        if trainer_state["scaler"]:
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        rng = trainer_state["rng"]
+        torch.set_rng_state(rng["cpu"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def snapshot(self) -> checkpoint.Snapshot:
+        from greenrun.config import math_hash  # config imports this module
+
+        state = self.state_dict()
+        unique, aliases = checkpoint.unique_tensors(state["model"])
+        return checkpoint.Snapshot(
+            step=self.step,
+            model=checkpoint.to_cpu(unique),
+            aliases=aliases,
+            optimizer=checkpoint.to_cpu(state["optimizer"]),
+            trainer=checkpoint.to_cpu(state["trainer"]),
+            meta={
+                "config_hash": math_hash(self.cfg),
+                "world_size": self.dist.world_size,
+                "data_cache_key": self.data.cache_key,
+                "val_loss": self.last_val,
+            },
+        )
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            distributed.barrier()
+            return None
+        t0 = time.perf_counter()
+        path = checkpoint.write(self.snapshot(), self.ckpt_root)
+        checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, protect=path)
+        self.reporter.note(f"checkpoint step {self.step} committed in {time.perf_counter() - t0:.2f} s")
+        distributed.barrier()
+        return path
+
+    def resume_from(self, path: Path) -> None:
+        model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
+        self.load_state_dict(model_state, optim_state, trainer_state)
+        if self.dist.is_main:
+            _truncate_metrics(self.metrics_path, self.step)
+
+    def sample(self, prompt: str = "def ") -> str:
+        n = self.cfg.trainer.sample_tokens
+        if n <= 0:
+            return ""
+        ids = torch.tensor([self.data.encode(prompt)], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
+        self.model.eval()
+        with self.autocast():
+            out = model.generate(self.model, ids, n, generator=gen)
+        return self.data.decode(out[0].tolist())
+
+    def close(self) -> None:
+        self.reporter.stop()
+        distributed.teardown()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A run killed after its last checkpoint logged steps that resume will redo: drop them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

@@ -1,0 +1,100 @@
+"""Every group option and every recipe composes into a valid typed config; bad input is reported together."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from greenrun import config
+
+
+@pytest.fixture(autouse=True)
+def _hydra():
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base=None):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def typed(overrides):
+    cfg = config.to_typed(compose(config_name="config", overrides=overrides))
+    config.validate(cfg)
+    return cfg
+
+
+OPTIONS = [(g, o) for g, opts in config.groups().items() if g != "recipe" for o in opts]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    extra = ["storage.bucket=b"] if (group, option) == ("storage", "s3") else []
+    extra += ["data.paths=[x.txt]"] if (group, option) == ("data", "text") else []
+    cfg = typed([f"{group}={option}", *extra])
+    assert cfg is not None
+
+
+@pytest.mark.parametrize("recipe", config.groups()["recipe"])
+def test_every_recipe_composes_and_says_how_to_run_it(recipe):
+    first = (config.recipes_dir() / f"{recipe}.yaml").read_text().splitlines()[0]
+    assert first == f"# Run: greenrun train +recipe={recipe}"
+    typed([f"+recipe={recipe}"])
+
+
+def test_bf16_ckpt_recipe_sets_both_levers():
+    cfg = typed(["+recipe=bf16_ckpt"])
+    assert cfg.precision.name == "bf16"
+    assert cfg.activation_checkpointing.policy == "full"
+
+
+def test_gpu_recipe_is_gpt2_124m():
+    cfg = typed(["+recipe=gpt2_gpu"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.trainer.device) == (12, 768, "cuda")
+
+
+def test_every_yaml_key_has_a_comment():
+    for path in sorted(config.conf_dir().rglob("*.yaml")) + sorted(config.recipes_dir().glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            body = line.split("#")[0]
+            if ":" in body and not body.rstrip().endswith(":") and not body.lstrip().startswith("-"):
+                assert "#" in line, f"{path.name}: '{line.strip()}' has no comment"
+
+
+def test_unknown_key_suggests_the_closest():
+    problems = config.check_overrides(
+        ["trainer.max_step=3", "optimizer.lr=abc", "model=gpt3", "precision=bf61"]
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 4
+    assert "did you mean trainer.max_steps" in text
+    assert "optimizer.lr=abc" in text
+    assert "model: unknown value 'gpt3'" in text and "gpt2" in text
+    assert "did you mean bf16" in text
+
+
+def test_valid_overrides_pass_check():
+    assert (
+        config.check_overrides(["optimizer.lr=3e-4", "+recipe=bf16_ckpt", "model=gpt2", "~preflight"]) == []
+    )
+
+
+def test_semantic_problems_are_collected():
+    cfg = typed([])
+    cfg.model.n_head = 3
+    cfg.trainer.max_steps = 0
+    cfg.checkpoint.keep_last = 0
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(cfg)
+    assert len(e.value.problems) >= 3
+
+
+def test_math_hash_ignores_bookkeeping_keys():
+    a = typed([])
+    b = typed(["checkpoint.interval=7", "trainer.eval_interval=3", "run.dir=elsewhere"])
+    c = typed(["optimizer.lr=1e-3", "run.dir=elsewhere"])
+    assert config.math_hash(a) == config.math_hash(b) != config.math_hash(c)
+    assert [k for k, _, _ in config.diff(b, c)] == ["checkpoint.interval", "optimizer.lr", "trainer.eval_interval"]
+
+
+def test_apply_overrides_on_typed_config():
+    cfg = config.apply_overrides(typed([]), ["optimizer.lr=1e-3", "precision=bf16"])
+    assert cfg.optimizer.lr == 1e-3 and cfg.precision.name == "bf16"
