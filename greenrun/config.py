@@ -76,6 +76,7 @@ MATH_KEYS = (
     "data.paths",
     "data.max_chars",
     "data.val_fraction",
+    "data.shard_tokens",
     "trainer.max_steps",
     "trainer.micro_batch_size",
     "trainer.grad_accum_steps",

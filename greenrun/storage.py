@@ -1,11 +1,8 @@
 """Where checkpoints live: a local directory or an S3-compatible bucket, behind one small interface.
 
-Checkpoints must survive spot preemption, so every write is all-or-nothing: a local file appears through
-os.replace, an S3 object through one PUT or a multipart upload that is aborted on any failure. Commit
-markers are written with ``if_none_match=True`` so that exactly one writer wins.
-
-S3 credentials come only from boto3's default chain (env vars, ~/.aws, SSO, instance or container role);
-no config field holds them and nothing here logs them.
+Checkpoints must survive spot preemption, so every write is all-or-nothing (os.replace locally; one PUT or
+an aborted-on-failure multipart upload on S3) and commit markers use ``if_none_match`` so one writer wins.
+S3 credentials come only from boto3's default chain; no config field holds them and nothing logs them.
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ class StorageConfig:
     prefix: str = ""  # key prefix under which runs live, e.g. "greenrun" ("" = bucket root)
     endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, a test server); None = AWS
     region: str | None = None  # e.g. us-east-1; None = from the default chain (AWS_DEFAULT_REGION, ~/.aws)
-    retry_mode: str = "adaptive"  # standard | adaptive (adaptive also slows down on SlowDown throttling)
+    retry_mode: str = "standard"  # standard | adaptive (adaptive also slows down on SlowDown throttling)
     max_attempts: int = 10  # tries per S3 request, the first included (>= 1)
     part_size_mb: int = 16  # MiB per multipart part, fixed; bigger files go up in parts (>= 8)
     max_concurrency: int = 4  # parts uploaded / ranges downloaded in parallel (>= 1)
@@ -207,11 +204,8 @@ def quiet_sdk_loggers() -> None:
 class S3Storage:
     """Objects in an S3-compatible bucket under cfg.prefix.
 
-    Small objects go up in one PutObject. Files larger than one part go through a multipart upload
-    driven here rather than by boto3's transfer manager: that one cannot send IfNoneMatch, wraps the 412
-    into S3UploadFailedError, and swallows a failed abort at DEBUG level, leaving the upload (and its
-    billed parts) behind silently. Here any failure, Ctrl-C included, aborts, and a failed abort is logged
-    as a warning naming what abort_stale_uploads() will clean up.
+    Multipart uploads are driven here, not by boto3's transfer manager: that one cannot send IfNoneMatch
+    and swallows a failed abort at DEBUG level, leaving the upload and its billed parts behind silently.
     """
 
     list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum); tests lower it to exercise paging
@@ -231,10 +225,9 @@ class S3Storage:
             read_timeout=READ_TIMEOUT_S,
             max_pool_connections=max(10, 2 * cfg.max_concurrency),
         )
-        # A private session: boto3's default session is shared process-wide and not thread-safe.
-        session = boto3.session.Session()
+        session = boto3.session.Session()  # private: the default session is process-wide, not thread-safe
         self.client = session.client(
-            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config
+            "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=config
         )
         self._download_config = TransferConfig(
             multipart_threshold=self.part_size,
@@ -398,7 +391,6 @@ class S3Storage:
         return True
 
     def _etag_or_none(self, full: str) -> str | None:
-        """md5 hex of a PUT object's bytes; see _multipart_etag for uploads in parts (neither for SSE-KMS)."""
         with contextlib.suppress(ClientError, BotoCoreError):
             return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"].strip('"')
         return None
@@ -430,20 +422,17 @@ class S3Storage:
         return StorageError(f"could not {action} {where}: {e}")
 
 
-def _response(e: Exception) -> dict:
-    return getattr(e, "response", None) or {}  # ClientErrors carry one; some BotoCoreErrors hold None
-
-
 def _code(e: Exception) -> str | None:
-    return _response(e).get("Error", {}).get("Code")
+    return (getattr(e, "response", None) or {}).get("Error", {}).get("Code")  # some BotoCoreErrors hold None
 
 
 def _status(e: Exception) -> int | None:
-    return _response(e).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def _was_retried(e: Exception) -> bool:
-    return _response(e).get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+    """True when botocore had retried: a 412 may then answer our own first attempt that did land."""
+    return (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
 
 
 def _multipart_etag(parts: list[dict]) -> str | None:

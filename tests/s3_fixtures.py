@@ -8,7 +8,11 @@ Load them into a test module with
 
 - ``moto_server``: one moto S3 server per test module, on a free port of 127.0.0.1;
 - ``s3_bucket``: fake AWS credentials in the environment, a reset moto and a fresh empty bucket;
-- ``faulty_proxy``: a factory of ``FaultyProxy`` instances in front of ``moto_server``, stopped at teardown.
+- ``faulty_proxy``: a factory of ``FaultyProxy`` instances in front of ``moto_server``, stopped at teardown;
+- ``fast_backoff``: botocore's retry backoff divided by 20, so tests that inject faults wait less.
+
+Import names from this module only under ``TYPE_CHECKING``: a runtime import loads it before pytest can
+register it as a plugin, and pytest then warns that it cannot rewrite its asserts.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import pytest
+from botocore.retries.standard import ExponentialBackoff
 from moto.server import ThreadedMotoServer
 
 TEST_BUCKET = "greenrun-test"
@@ -104,6 +109,15 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
         "AWS_ENDPOINT_URL_S3",
     ):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same retries, shorter sleeps: botocore waits up to 2**attempt s between tries, which adds up fast."""
+    original = ExponentialBackoff.delay_amount
+    monkeypatch.setattr(
+        ExponentialBackoff, "delay_amount", lambda self, context: original(self, context) / 20
+    )
 
 
 @pytest.fixture

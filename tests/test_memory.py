@@ -68,7 +68,7 @@ CASES = [
     (dict(), 2, 256, 0, "fp32"),
     (dict(n_layer=2, n_embd=256), 2, 128, 0, "fp32"),
     (dict(), 2, 256, 64, "fp32"),
-    (dict(n_layer=2, n_embd=256, vocab_size=1000), 2, 128, 0, "bf16"),
+    (dict(n_layer=2, n_embd=256, vocab_size=1000), 2, 64, 0, "bf16"),
     (dict(n_layer=2, n_embd=256, n_head=8), 2, 128, 96, "fp32"),
 ]
 # Not calibrated here: dropout > 0. On CPU, dropout saves an fp32 mask and SDPA falls back to the

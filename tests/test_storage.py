@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import threading
 from pathlib import Path
@@ -230,7 +229,7 @@ def test_failed_multipart_upload_is_aborted(
 
 
 def test_unabortable_upload_is_reported_and_cleaned_at_next_start(
-    s3_bucket: S3Bucket, faulty_proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3_bucket: S3Bucket, faulty_proxy, fast_backoff, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = faulty_proxy(
         fail_rate=1.0, faults=("slowdown",), match=lambda m, p: is_upload_part(m, p) or m == "DELETE"
@@ -247,13 +246,13 @@ def test_unabortable_upload_is_reported_and_cleaned_at_next_start(
     assert s3_bucket.open_uploads() == ["runs/other/blob"]
 
 
-def test_round_trips_survive_a_flaky_network(s3_bucket: S3Bucket, faulty_proxy, tmp_path: Path) -> None:
+def test_round_trips_survive_a_flaky_network(
+    s3_bucket: S3Bucket, faulty_proxy, fast_backoff, tmp_path: Path
+) -> None:
     proxy = faulty_proxy(fail_rate=0.2, faults=("slowdown", "reset"), seed=7)
-    store = S3Storage(
-        StorageConfig(
-            kind="s3", bucket=s3_bucket.name, prefix="flaky", endpoint_url=proxy.url, part_size_mb=5
-        )
-    )  # default retry settings (adaptive, 10 attempts); 5 MiB parts keep multipart payloads small
+    # standard, not the adaptive default: adaptive's client-side rate limiter (see the next test) would
+    # spend most of this test waiting. 5 MiB parts keep the multipart payloads small.
+    store = make_s3(s3_bucket, proxy.url, prefix="flaky", retry_mode="standard", part_size_mb=5)
     rng = random.Random(7)
     for i in range(30):
         size = rng.randrange(5 * MIB + 1, 12 * MIB) if i % 6 == 0 else rng.randrange(0, 200_000)
@@ -264,12 +263,24 @@ def test_round_trips_survive_a_flaky_network(s3_bucket: S3Bucket, faulty_proxy, 
             assert hashlib.sha256(store.get_bytes(f"obj/{i}")).hexdigest() == digest
         else:
             (tmp_path / "src").write_bytes(data)
-            store.put(f"obj/{i}", tmp_path / "src")
+            store.put(f"obj/{i}", tmp_path / "src")  # multipart when i % 6 == 0
             store.get(f"obj/{i}", tmp_path / "dst")
             assert sha256_of(tmp_path / "dst") == digest
     assert proxy.faults["slowdown"] > 0 and proxy.faults["reset"] > 0
     assert s3_bucket.open_uploads() == []
     assert len(store.list("obj/")) == 30
+
+
+def test_adaptive_mode_round_trips_under_throttling(s3_bucket: S3Bucket, faulty_proxy, fast_backoff) -> None:
+    # After a SlowDown, adaptive mode caps the whole client's send rate (0.5 requests/s on a fresh
+    # client, recovering over seconds), so this stays short and small.
+    proxy = faulty_proxy(fail_rate=0.2, faults=("slowdown", "reset"), seed=11)
+    store = make_s3(s3_bucket, proxy.url, retry_mode="adaptive")
+    payloads = {f"obj/{i}": random.Random(i).randbytes(50_000) for i in range(6)}
+    for key, data in payloads.items():
+        store.put_bytes(key, data)
+    assert {key: store.get_bytes(key) for key in payloads} == payloads
+    assert proxy.faults["slowdown"] > 0
 
 
 def test_lost_answer_to_a_conditional_write_is_not_a_conflict(
@@ -366,4 +377,3 @@ def test_build_and_parse_s3_url(tmp_path: Path) -> None:
     for bad in ["bucket/prefix", "s3:///prefix", "https://bucket/x"]:
         with pytest.raises(ValueError, match="not an S3 URL"):
             parse_s3_url(bad)
-    assert os.environ.get("AWS_SECRET_ACCESS_KEY") != SECRET
