@@ -92,7 +92,11 @@ def test_math_hash_ignores_bookkeeping_keys():
     b = typed(["checkpoint.interval=7", "trainer.eval_interval=3", "run.dir=elsewhere"])
     c = typed(["optimizer.lr=1e-3", "run.dir=elsewhere"])
     assert config.math_hash(a) == config.math_hash(b) != config.math_hash(c)
-    assert [k for k, _, _ in config.diff(b, c)] == ["checkpoint.interval", "optimizer.lr", "trainer.eval_interval"]
+    assert [k for k, _, _ in config.diff(b, c)] == [
+        "checkpoint.interval",
+        "optimizer.lr",
+        "trainer.eval_interval",
+    ]
 
 
 def test_apply_overrides_on_typed_config():

@@ -2,9 +2,8 @@
 
 import json
 
-from tests.common import run_cli
-
 from greenrun import checkpoint
+from tests.common import run_cli
 
 
 def test_smoke_passes_and_reports_memory(tiny):
