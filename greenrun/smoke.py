@@ -40,6 +40,9 @@ class SmokeResult:
     estimate: memory.MemoryEstimate | None  # predicted peak per device for the full config
     seconds: float
     losses: list[float] = field(default_factory=list)
+    capacity: tuple[str, int] | None = (
+        None  # (target device, its memory in bytes) the estimate is compared with
+    )
 
 
 def available_ram() -> int:
@@ -89,6 +92,7 @@ def run(cfg: Config) -> SmokeResult:
         room = RAM_SHARE * available_ram() / BYTES_PER_PARAM_CPU - (params - per_block * n_layer)
         n_layer = int(max(1, min(2, room // per_block)))
     small = smoke_config(cfg, n_layer)
+    capacity = _capacity(target)
     trainer = None
     try:
         with tempfile.TemporaryDirectory(prefix="greenrun-smoke-") as tmp:
@@ -110,7 +114,7 @@ def run(cfg: Config) -> SmokeResult:
                 return SmokeResult(
                     False, "checkpoint round trip lost the step", params, n_layer, estimate, _since(t0)
                 )
-            return SmokeResult(True, "", params, n_layer, estimate, _since(t0), losses)
+            return SmokeResult(True, "", params, n_layer, estimate, _since(t0), losses, capacity)
     except DataError:
         raise  # bad input, not a failed check: the CLI reports it with exit 2
     except MemoryError:
@@ -138,6 +142,13 @@ def _estimate(cfg: Config, device: torch.device) -> memory.MemoryEstimate | None
         optimizer=cfg.optimizer.name,
         loss_chunk=cfg.model.loss_chunk,
     )
+
+
+def _capacity(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.name, props.total_memory
+    return "this machine's RAM", available_ram()
 
 
 def _finite(x: float) -> bool:
@@ -170,3 +181,14 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
         )
         for name, value in result.estimate.table():
             c.print(f"    {name:<18} {value}")
+        if result.capacity is not None:
+            where, size = result.capacity
+            total = result.estimate.total
+            if total <= size:
+                c.print(f"  fits: {total / 2**30:.1f} of {size / 2**30:.1f} GiB on {where}")
+            else:
+                c.print(
+                    f"  [yellow]does not fit: {total / 2**30:.1f} GiB needed, {size / 2**30:.1f} GiB on {where}; "
+                    "lower trainer.micro_batch_size (raise grad_accum_steps to keep the batch), use precision=bf16 "
+                    "or activation_checkpointing=full[/yellow]"
+                )
