@@ -11,6 +11,7 @@ previous good one and says so. Nothing here ever unpickles code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,9 @@ FILES = ("model.safetensors", "optimizer.pt", "trainer.pt")
 class CheckpointConfig:
     interval: int = 250  # steps between checkpoints (0 = only at the end and on stop/preemption)
     keep_last: int = 2  # committed checkpoints kept; the newest valid one is never deleted
+    keep_best: int = 0  # also keep this many checkpoints with the lowest validation loss
+    every_minutes: float = 0.0  # also checkpoint after this many minutes of wall clock (0 = off; spot: 15-30)
+    weights_dtype: str = "bf16"  # dtype of the model-only weight export at the end: bf16 | fp16 | fp32
 
 
 class CheckpointError(RuntimeError):
@@ -234,13 +238,30 @@ def clean_stale(ckpt_root: Path) -> list[Path]:
     return removed
 
 
-def prune(ckpt_root: Path, keep_last: int, protect: Path | None = None) -> list[Path]:
-    """Delete committed checkpoints beyond the newest `keep_last`, never the newest valid one or `protect`."""
-    newest_valid = latest_valid(ckpt_root, warn=lambda _: None)
+def prune(
+    ckpt_root: Path, keep_last: int, keep_best: int = 0, protect: set[Path] | frozenset[Path] = frozenset()
+) -> list[Path]:
+    """Delete committed checkpoints beyond the newest `keep_last` and the `keep_best` lowest val_loss.
+
+    Never deletes the newest valid checkpoint, nor anything in `protect` (just written, or still uploading).
+    """
+    dirs = committed(ckpt_root)
+    keep = set(dirs[: max(1, keep_last)]) | set(protect)
+    for path in dirs:  # the newest valid one; a protected path was just verified by its writer
+        if path in protect or verify(path) is None:
+            keep.add(path)
+            break
+    if keep_best > 0:
+        scored = []
+        for path in dirs:
+            with contextlib.suppress(CheckpointError):
+                val = read_manifest(path).get("val_loss")
+                if isinstance(val, int | float):
+                    scored.append((val, path))
+        keep |= {path for _, path in sorted(scored, key=lambda vp: vp[0])[:keep_best]}
     removed = []
-    for path in committed(ckpt_root)[max(1, keep_last) :]:
-        if path in (newest_valid, protect):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+    for path in dirs:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed

@@ -133,7 +133,11 @@ def _task(command: str, dcfg) -> int:
     config.validate(cfg)
     if command == "smoke":
         return smoke(cfg)
-    return train(cfg, Path(cfg.run.dir))
+    run_dir = Path(cfg.run.dir)
+    if cfg.resume == "auto" and (run_dir / "config.yaml").is_file():
+        # A scheduler re-running the same command: continue this run if it has a checkpoint, else start it.
+        return continue_run(config.load_yaml(run_dir / "config.yaml"), cfg, run_dir, missing_ok=True)
+    return train(cfg, run_dir)
 
 
 def _guard(fn: Callable[[], int]) -> int:
@@ -173,30 +177,43 @@ def smoke(cfg) -> int:
 
 
 def train(cfg, run_dir: Path, resume_from: Path | None = None) -> int:
-    from greenrun import config
+    from greenrun import checkpoint, config, runs
     from greenrun import smoke as smoke_mod
     from greenrun.report import Reporter
+    from greenrun.spot import EXIT_PREEMPTED
     from greenrun.trainer import Trainer
 
     reporter = Reporter(enabled=int(os.environ.get("RANK", "0")) == 0)
-    if cfg.preflight:
+    if cfg.preflight and resume_from is None:
         result = smoke_mod.run(cfg)
         smoke_mod.print_result(result, cfg, reporter)
         if not result.passed:
             err("preflight failed; fix the config (or skip the check with preflight=false)")
             return EXIT_FAIL
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir, reporter=reporter)
+    data_cache = None
+    if resume_from is not None:
+        key = checkpoint.read_manifest(resume_from).get("data_cache_key", "")
+        data_cache = Path(cfg.data.cache_dir).expanduser() / key[:16] if key else None
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    remote = runs.open_remote(cfg, run_dir) if is_main else None
+    trainer = Trainer(cfg, run_dir, reporter=reporter, data_cache=data_cache)
     try:
+        if is_main:
+            # Written after the trainer resolved micro_batch_size=auto, so a resume reuses the numbers.
+            _write_atomic(run_dir / "config.yaml", config.to_yaml(cfg))
+            trainer.persister.uploader = runs.start_mirror(remote, run_dir, trainer.data.cache_path)
         if resume_from is not None:
             trainer.resume_from(resume_from)
             reporter.note(f"resumed from {resume_from} at step {trainer.step}")
-        if trainer.dist.is_main:
-            _write_atomic(run_dir / "config.yaml", config.to_yaml(cfg))
         result = trainer.train()
+        if result["preempted"]:
+            reporter.note(f"preempted at step {result['step']}; continue with: greenrun resume {run_dir}")
+            return EXIT_PREEMPTED
         sample = trainer.sample() if result["finished"] else ""
-        if trainer.dist.is_main:
+        if is_main:
             _write_atomic(run_dir / "summary.json", json.dumps({**result, "sample": sample}, indent=1))
+            trainer.export_weights()
         if result["finished"]:
             reporter.summary(result, str(run_dir), sample)
         else:
@@ -204,10 +221,12 @@ def train(cfg, run_dir: Path, resume_from: Path | None = None) -> int:
         return EXIT_OK
     finally:
         trainer.close()
+        if remote is not None:
+            remote.prune(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
 
 
 def resume(args: list[str]) -> int:
-    from greenrun import checkpoint, config
+    from greenrun import config, runs
 
     if "-h" in args or "--help" in args:
         print(help_text("resume"))
@@ -215,21 +234,33 @@ def resume(args: list[str]) -> int:
     positional = [a for a in args if "=" not in a and not a.startswith(("-", "~", "+"))]
     overrides = [a for a in args if a not in positional]
     if len(positional) > 1:
-        raise config.ConfigError([f"resume takes one RUN_DIR, got {positional}"])
-    run_dir = Path(positional[0] if positional else ".")
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise config.ConfigError(
-            [
-                f"{saved_path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"
-            ]
-        )
+        raise config.ConfigError([f"resume takes one RUN_DIR or s3:// URL, got {positional}"])
     problems = config.check_overrides(overrides)
     if problems:
         raise config.ConfigError(problems)
-    saved = config.load_yaml(saved_path)
+    target = positional[0] if positional else "."
+    if target.startswith("s3://"):
+        saved, run_dir, overrides = runs.restore(target, overrides)
+    else:
+        run_dir = Path(target)
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise config.ConfigError(
+                [
+                    f"{saved_path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"
+                ]
+            )
+        saved = config.load_yaml(saved_path)
+    # stop_at_step ended the last slice; a resume runs on unless the command line sets a new stop.
     saved = dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, stop_at_step=None))
     cfg = config.apply_overrides(saved, overrides)
+    return continue_run(saved, cfg, run_dir, missing_ok=False)
+
+
+def continue_run(saved, cfg, run_dir: Path, missing_ok: bool) -> int:
+    """Resume `run_dir` with `cfg`, refusing math changes from `saved` unless allowed; start fresh if allowed."""
+    from greenrun import checkpoint, config
+
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
     config.validate(cfg)
     changed = [(k, a, b) for k, a, b in config.diff(saved, cfg) if config.is_math_key(k)]
@@ -244,6 +275,8 @@ def resume(args: list[str]) -> int:
         )
     path = checkpoint.latest_valid(run_dir / "checkpoints", warn=lambda m: err(m))
     if path is None:
+        if missing_ok:
+            return train(cfg, run_dir)
         raise checkpoint.CheckpointError(
             f"no valid checkpoint under {run_dir / 'checkpoints'}; nothing to resume"
         )

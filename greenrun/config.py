@@ -63,6 +63,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
     preflight: bool = True  # run the two-step CPU smoke check before training
+    resume: str = (
+        "never"  # train: never | auto (continue this run.dir's newest valid checkpoint if there is one)
+    )
     allow_config_change: bool = False  # resume: accept overrides that change the training math
 
 
@@ -79,6 +82,7 @@ MATH_KEYS = (
     "data.shard_tokens",
     "trainer.max_steps",
     "trainer.micro_batch_size",
+    "trainer.global_batch_tokens",
     "trainer.grad_accum_steps",
     "trainer.seed",
     "trainer.grad_clip",
@@ -235,8 +239,22 @@ def _trainer_problems(cfg: Config) -> list[str]:
     for key in ("max_steps", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
         if getattr(t, key) < 1:
             problems.append(f"trainer.{key}: must be >= 1, got {getattr(t, key)}")
-    if not (isinstance(t.micro_batch_size, int) and t.micro_batch_size >= 1):
-        problems.append(f"trainer.micro_batch_size: must be a positive integer, got {t.micro_batch_size!r}")
+    if t.micro_batch_size == "auto":
+        if t.global_batch_tokens <= 0:
+            problems.append(
+                "trainer.micro_batch_size=auto keeps the global batch fixed: set trainer.global_batch_tokens "
+                f"(tokens per optimizer step, e.g. {16 * cfg.model.seq_len * t.grad_accum_steps})"
+            )
+    elif not (isinstance(t.micro_batch_size, int) and t.micro_batch_size >= 1):
+        problems.append(
+            f"trainer.micro_batch_size: must be a positive integer or auto, got {t.micro_batch_size!r}"
+        )
+    problems += checks.choice("resume", cfg.resume, ("never", "auto"))
+    problems += checks.choice(
+        "checkpoint.weights_dtype", cfg.checkpoint.weights_dtype, ("bf16", "fp16", "fp32")
+    )
+    if cfg.checkpoint.every_minutes < 0:
+        problems.append(f"checkpoint.every_minutes: must be >= 0, got {cfg.checkpoint.every_minutes}")
     problems += checks.choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
         problems.append(

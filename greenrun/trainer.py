@@ -16,11 +16,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from greenrun import activation_checkpointing, checkpoint, data, distributed, model, optimizer, precision
+from greenrun import (
+    activation_checkpointing,
+    autobatch,
+    checkpoint,
+    data,
+    distributed,
+    hardware,
+    memory,
+    model,
+    optimizer,
+    precision,
+)
+from greenrun.persist import Persister
 from greenrun.report import Reporter
 from greenrun.schedule import lr_at
+from greenrun.spot import PreemptionWatcher
 
 if TYPE_CHECKING:
     from greenrun.config import Config
@@ -29,7 +43,10 @@ if TYPE_CHECKING:
 @dataclass
 class TrainerConfig:
     max_steps: int = 500  # optimizer steps in the whole run (schedules span all of them)
-    micro_batch_size: Any = 16  # sequences per forward/backward on each device
+    micro_batch_size: Any = 16  # sequences per forward/backward on each device, or auto (probe GPU memory)
+    global_batch_tokens: int = (
+        0  # tokens per optimizer step for micro_batch_size=auto (0 = micro x accum x seq x world)
+    )
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = micro x accum x world)
     eval_interval: int = 100  # steps between validation evaluations (also at step 0 and the last step)
     eval_batches: int = 8  # micro-batches per validation evaluation
@@ -49,6 +66,8 @@ class Trainer:
         run_dir: Path,
         reporter: Reporter | None = None,
         dist: distributed.Dist | None = None,
+        uploader=None,  # remote.Uploader: mirror each committed checkpoint (rank 0 only)
+        data_cache: Path | None = None,  # resume: the exact token cache the checkpoint was trained on
     ):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
@@ -59,7 +78,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
 
-        self.data = data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+        if data_cache is not None and (data_cache / "meta.json").is_file():
+            self.data = data.Dataset(data_cache)
+        else:
+            self.data = data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+        if t.micro_batch_size == "auto":
+            self._resolve_auto_micro_batch()  # before the real model exists: the GPU is as empty as it gets
         self.model = model.GPT(cfg.model).to(self.device)
         self.recompute = activation_checkpointing.apply(self.model, cfg.activation_checkpointing)
         self.optimizer = optimizer.build(cfg.optimizer, self.model)
@@ -79,9 +103,52 @@ class Trainer:
             t.micro_batch_size * cfg.model.seq_len * t.grad_accum_steps * self.dist.world_size
         )
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.persister = (
+            Persister(cfg.checkpoint, self.ckpt_root, uploader, note=self.reporter.note)
+            if self.dist.is_main
+            else None
+        )
+        self.flops_per_token = model.flops_per_token(cfg.model)
+        self.peak_flops = hardware.peak_bf16_flops(self.device) * self.dist.world_size
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.last_val: float | None = None
         self.first_val: float | None = None
+
+    def _resolve_auto_micro_batch(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+
+        def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            m = model.GPT(cfg.model).to(self.device)
+            activation_checkpointing.apply(m, cfg.activation_checkpointing)
+            return m, optimizer.build(cfg.optimizer, m)
+
+        recompute = activation_checkpointing.plan(cfg.activation_checkpointing, cfg.model.n_layer)
+        steps = autobatch.ThrowawaySteps(
+            build,
+            cfg.model.vocab_size,
+            cfg.model.seq_len,
+            self.device,
+            lambda: precision.autocast(cfg.precision.name, self.device),
+        )
+        try:
+            choice = autobatch.auto_micro_batch(
+                steps,
+                cfg.model.seq_len,
+                t.global_batch_tokens,
+                self.dist.world_size,
+                self.device,
+                self.reporter.note,
+                agree=distributed.min_int,
+                estimate_bytes=lambda mb: (
+                    memory.estimate(
+                        cfg.model, mb, cfg.model.seq_len, cfg.precision.name, recompute, cfg.optimizer.name
+                    ).total
+                ),
+            )
+        finally:
+            steps.close()
+        # Resolved numbers go into config.yaml, so a resume reuses them instead of probing again.
+        t.micro_batch_size, t.grad_accum_steps = choice.micro_batch, choice.grad_accum_steps
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
@@ -135,47 +202,66 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        t = self.cfg.trainer
+        t, ck = self.cfg.trainer, self.cfg.checkpoint
         stop_at = t.stop_at_step or t.max_steps
         start_step, t0 = self.step, time.perf_counter()
-        window_t, window_step = t0, self.step
+        window_t, window_step, last_save = t0, self.step, t0
+        preempted = ""
         if self.step == 0:
             self._evaluate_and_log({"step": 0, "tokens": 0})
         self.reporter.start(total=t.max_steps, completed=self.step)
-        while self.step < stop_at:
-            stats = self.train_step()
-            record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
-            last = self.step in (stop_at, t.max_steps)
-            if self.step % t.log_interval == 0 or last or self.step % t.eval_interval == 0:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                record["tok_per_s"] = (
-                    (self.step - window_step) * self.tokens_per_step / max(now - window_t, 1e-9)
-                )
-                window_t, window_step = now, self.step
-                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                    self._evaluate_and_log(record)
-                else:
-                    self._log(record)
-            if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(
-                    f"loss became {stats['loss']} at step {self.step}; lower optimizer.lr or use precision=bf16"
-                )
-            if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 and not last:
-                self.save_checkpoint()
+        with PreemptionWatcher(self.cfg.spot, on_abort=self.reporter.note) as watcher:
+            while self.step < stop_at:
+                stats = self.train_step()
+                record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
+                last = self.step in (stop_at, t.max_steps)
+                if self.step % t.log_interval == 0 or last or self.step % t.eval_interval == 0:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    record["tok_per_s"] = (
+                        (self.step - window_step) * self.tokens_per_step / max(now - window_t, 1e-9)
+                    )
+                    if self.peak_flops:
+                        record["mfu"] = record["tok_per_s"] * self.flops_per_token / self.peak_flops
+                    window_t, window_step = now, self.step
+                    if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                        self._evaluate_and_log(record)
+                    else:
+                        self._log(record)
+                if not math.isfinite(stats["loss"]):
+                    raise FloatingPointError(
+                        f"loss became {stats['loss']} at step {self.step}; lower optimizer.lr or use precision=bf16"
+                    )
+                # Every rank must take the same branch: decisions come from rank 0's flag and clock.
+                if distributed.any_flag(watcher.requested):
+                    self.reporter.stop()
+                    preempted = watcher.reason or "preemption signal"
+                    self.reporter.note(f"{preempted}: writing an emergency checkpoint at step {self.step}")
+                    done = self.save_checkpoint(emergency=watcher.remaining_s)
+                    watcher.finished()
+                    self.reporter.note(done)
+                    break
+                due_steps = ck.interval and self.step % ck.interval == 0
+                due_time = ck.every_minutes > 0 and time.perf_counter() - last_save >= 60 * ck.every_minutes
+                if not last and distributed.any_flag(bool(due_steps or due_time)):
+                    self.save_checkpoint()
+                    last_save = time.perf_counter()
         self.reporter.stop()
-        self.save_checkpoint()
+        if not preempted:
+            self.save_checkpoint(wait=True)
         wall = time.perf_counter() - t0
         trained_tokens = (self.step - start_step) * self.tokens_per_step
         return {
             "step": self.step,
             "finished": self.step >= t.max_steps,
+            "preempted": preempted,
             "first_val_loss": self.first_val,
             "val_loss": self.last_val,
             "tokens": self.step * self.tokens_per_step,
             "wall_s": wall,
             "tok_per_s": trained_tokens / max(wall, 1e-9),
+            "save_blocked_s": self.persister.blocked_s if self.persister else [],
         }
 
     def _evaluate_and_log(self, record: dict[str, Any]) -> None:
@@ -243,22 +329,44 @@ class Trainer:
             },
         )
 
-    def save_checkpoint(self) -> Path | None:
-        if not self.dist.is_main:
-            distributed.barrier()
-            return None
-        t0 = time.perf_counter()
-        path = checkpoint.write(self.snapshot(), self.ckpt_root)
-        checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, protect=path)
-        self.reporter.note(f"checkpoint step {self.step} committed in {time.perf_counter() - t0:.2f} s")
+    def save_checkpoint(self, wait: bool = False, emergency=None) -> str:
+        """Commit a checkpoint (rank 0 writes; the others wait). `emergency`: seconds-left callable."""
+        message = ""
+        if self.dist.is_main:
+            if emergency is not None:
+                message = self.persister.emergency(self.snapshot, emergency)
+            else:
+                self.persister.save(self.snapshot, wait=wait)
         distributed.barrier()
-        return path
+        return message
 
     def resume_from(self, path: Path) -> None:
         model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
         self.load_state_dict(model_state, optim_state, trainer_state)
         if self.dist.is_main:
             _truncate_metrics(self.metrics_path, self.step)
+
+    def export_weights(self) -> Path:
+        """Model-only weights in checkpoint.weights_dtype for inference or fine-tuning: half the bytes in bf16/fp16."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            self.cfg.checkpoint.weights_dtype
+        ]
+        unique, _ = checkpoint.unique_tensors(self.model.state_dict())
+        weights = {
+            k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in unique.items()
+        }
+        path = (
+            self.run_dir
+            / "export"
+            / f"model-step-{self.step:08d}-{self.cfg.checkpoint.weights_dtype}.safetensors"
+        )
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            weights, str(tmp), metadata={"step": str(self.step), "dtype": self.cfg.checkpoint.weights_dtype}
+        )
+        tmp.replace(path)
+        return path
 
     def sample(self, prompt: str = "def ") -> str:
         n = self.cfg.trainer.sample_tokens
@@ -273,6 +381,8 @@ class Trainer:
 
     def close(self) -> None:
         self.reporter.stop()
+        if self.persister is not None:
+            self.persister.close()
         distributed.teardown()
 
 

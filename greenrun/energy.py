@@ -1,0 +1,285 @@
+"""Energy, cost and carbon of a run: a meter for the GPUs' joules, and the arithmetic that turns them
+into kWh at the wall, kg of CO2, dollars and an everyday equivalent.
+
+The meter reads NVML's per-GPU energy counter (Volta and newer), falls back to integrating sampled
+power draw where the counter is missing, and without NVML at all reports energy as unknown unless
+the user states an average power (cpu_watts). It must never take a training run down, so every NVML
+failure degrades the reading instead of raising.
+
+Reads top to bottom: the config and its validation, the meter, then the accounting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+JOULES_PER_KWH = 3.6e6
+
+# Everyday equivalents, rough round figures: an average petrol car emits about 0.17 kg CO2 per km
+# driven, and charging a smartphone from empty takes about 0.012 kWh.
+CAR_KG_CO2_PER_KM = 0.17
+PHONE_CHARGE_KWH = 0.012
+
+
+@dataclass
+class EnergyConfig:
+    pue: float = 1.2  # data-centre power usage effectiveness, >= 1: 1.1 excellent, ~1.6 typical
+    grid_kg_per_kwh: float = 0.47  # grid kg CO2/kWh: ~0.22 US West, ~0.38 US East, ~0.23 EU, ~0.55 APAC
+    usd_per_gpu_hour: float = 0.0  # rental price per GPU-hour for the cost line; 0 = don't report cost
+    cpu_watts: float = 0.0  # assumed average watts when no GPU counter exists; 0 = energy unknown
+
+
+def validate(cfg: EnergyConfig) -> list[str]:
+    """Problems with the config as human-readable strings; an empty list means it is usable."""
+    problems = []
+    if cfg.pue < 1.0:
+        problems.append(f"energy.pue: must be >= 1 (facility power over IT power), got {cfg.pue}")
+    for key in ("grid_kg_per_kwh", "usd_per_gpu_hour", "cpu_watts"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"energy.{key}: must be >= 0, got {getattr(cfg, key)}")
+    return problems
+
+
+# --- The meter ------------------------------------------------------------------------------------
+
+
+def local_gpus() -> list[int]:
+    """CUDA ordinals this process trains on: its LOCAL_RANK under torchrun, else GPU 0."""
+    return [int(os.environ.get("LOCAL_RANK", "0"))]
+
+
+def nvml_ids(gpus: list[int], visible: str | None) -> list[int | str]:
+    """NVML device ids for CUDA ordinals, given CUDA_VISIBLE_DEVICES (None when unset).
+
+    CUDA renumbers the visible devices from 0 while NVML always sees every GPU, so ordinal i is the
+    i-th visible entry: an index (an int) or a UUID such as "GPU-..." (a str). NVML numbers GPUs in
+    PCI bus order, which is also CUDA's order on a node of identical GPUs.
+    """
+    if visible is None:
+        return list(gpus)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    return [int(entries[g]) if entries[g].isdigit() else entries[g] for g in gpus]
+
+
+class EnergyMeter:
+    """Joules used by this process's GPUs since start().
+
+    ``method`` says how: "counter" (NVML's energy counter), "sampling" (NVML power readings every
+    ``sample_s`` seconds, integrated), "cpu_watts" (cfg.cpu_watts times elapsed time) or "none"
+    (read() gives None). ``available`` is True when NVML measures something. Under DDP each rank
+    meters its own GPU (the default) and the trainer sums the readings, or one rank passes every
+    local ordinal in ``gpus``.
+    """
+
+    def __init__(
+        self,
+        cfg: EnergyConfig | None = None,
+        gpus: list[int] | None = None,
+        sample_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cfg = cfg or EnergyConfig()
+        self.gpus = local_gpus() if gpus is None else list(gpus)
+        self.sample_s = sample_s
+        self.clock = clock  # injectable so tests can drive time
+        self.available = False
+        self.method = "none"
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+        self._t0: float | None = None
+        self._start_mj: list[int] = []
+        self._last_j: float | None = None  # last good reading, returned when NVML fails mid-run
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._joules = 0.0  # sampling: energy integrated up to _last_t
+        self._closed_j: float | None = None  # the reading frozen by close()
+        self._closed = False
+        self._warned = False  # a failing GPU would otherwise log on every read
+        self._last_t = 0.0
+        self._last_w = 0.0
+
+    def __enter__(self) -> EnergyMeter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Open NVML, pick the best method the GPUs support and zero the reading."""
+        self.close()  # a second start() begins afresh rather than leaking a sampler thread
+        self._stop.clear()
+        self.method, self._handles, self._last_j = "none", [], None
+        self._joules, self._closed, self._warned = 0.0, False, False
+        self._open_nvml()
+        self._t0 = self.clock()
+        if self._handles:
+            try:
+                self._start_mj = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
+                self.method = "counter"
+            except Exception as e:  # older GPUs answer NotSupported; any failure just means no counter
+                log.info("NVML energy counter unavailable (%s); sampling power instead", e)
+                self._start_sampling()
+        if self.method == "none" and self.cfg.cpu_watts > 0:
+            self.method = "cpu_watts"
+        self.available = self.method in ("counter", "sampling")
+
+    def read(self) -> float | None:
+        """Joules since start(); None when energy is unknown (no NVML and cpu_watts = 0)."""
+        if self._t0 is None:
+            raise RuntimeError("EnergyMeter.read() before start()")
+        if self._closed:
+            return self._closed_j
+        now = self.clock()
+        if self.method == "counter":
+            try:
+                mj = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
+                self._last_j = sum(b - a for a, b in zip(self._start_mj, mj, strict=True)) / 1000.0
+            except Exception as e:  # a failed read must not stop training: keep the last good value
+                if not self._warned:
+                    log.warning("NVML energy read failed (%s); reporting the last good reading", e)
+                    self._warned = True
+            return self._last_j
+        if self.method == "sampling":
+            with self._lock:
+                # Extend the last sample to now, so a read between samples is not up to 0.2 s stale.
+                return self._joules + self._last_w * max(0.0, now - self._last_t)
+        if self.method == "cpu_watts":
+            return self.cfg.cpu_watts * (now - self._t0)
+        return None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since start()."""
+        return 0.0 if self._t0 is None else self.clock() - self._t0
+
+    def close(self) -> None:
+        """Stop the sampler and release NVML, freezing read() at its current value; safe to call twice."""
+        if self._t0 is not None and not self._closed:
+            self._closed_j = self.read()
+            self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.sample_s + 1.0)
+            self._thread = None
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception as e:
+                log.debug("nvmlShutdown failed: %s", e)
+            self._nvml = None
+
+    # --- internals ---
+
+    def _open_nvml(self) -> None:
+        if not self.gpus:
+            return
+        try:
+            import pynvml  # from the nvidia-ml-py package; optional, so imported only here
+        except ImportError:
+            log.info("pynvml not installed (pip install nvidia-ml-py); GPU energy is not measured")
+            return
+        try:
+            pynvml.nvmlInit()
+        except Exception as e:  # no driver, or a container without libnvidia-ml
+            log.info("NVML unavailable (%s); GPU energy is not measured", e)
+            return
+        self._nvml = pynvml
+        try:
+            for dev in nvml_ids(self.gpus, os.environ.get("CUDA_VISIBLE_DEVICES")):
+                if isinstance(dev, int):
+                    self._handles.append(pynvml.nvmlDeviceGetHandleByIndex(dev))
+                else:
+                    self._handles.append(pynvml.nvmlDeviceGetHandleByUUID(dev))
+        except Exception as e:  # a MIG slice or a bad CUDA_VISIBLE_DEVICES entry: measure nothing
+            log.warning(
+                "could not map GPUs %s to NVML devices (%s); GPU energy is not measured", self.gpus, e
+            )
+            self._handles = []
+
+    def _power_w(self) -> float:
+        return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0  # mW -> W
+
+    def _start_sampling(self) -> None:
+        try:
+            self._last_w = self._power_w()
+        except Exception as e:
+            log.warning("NVML power readings unavailable too (%s); GPU energy is not measured", e)
+            return
+        self._last_t = self._t0 if self._t0 is not None else self.clock()
+        self.method = "sampling"
+        self._thread = threading.Thread(target=self._sample_loop, name="energy-sampler", daemon=True)
+        self._thread.start()
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.sample_s):
+            try:
+                watts = self._power_w()
+            except Exception:  # skip this sample; the previous power is held until a read succeeds
+                continue
+            now = self.clock()
+            with self._lock:
+                # Trapezoid between the previous and this sample.
+                self._joules += 0.5 * (self._last_w + watts) * max(0.0, now - self._last_t)
+                self._last_w, self._last_t = watts, now
+
+
+# --- Accounting -----------------------------------------------------------------------------------
+
+
+def account(joules: float | None, seconds: float, gpus: int, cfg: EnergyConfig) -> dict[str, float | None]:
+    """Turn a run's device joules and duration into wall energy, carbon, cost and equivalents.
+
+    Keys: seconds, gpu_hours, device_kwh (what the meter saw), kwh (at the wall: x PUE), kg_co2
+    (x grid intensity), usd (GPUs x hours x price; None when no price is set), car_km and
+    phone_charges (everyday equivalents of kg_co2 and kwh). Energy-derived values are None when
+    joules is None: unknown energy is reported as unknown, never as zero.
+    """
+    gpu_hours = gpus * seconds / 3600.0
+    out: dict[str, float | None] = {
+        "seconds": seconds,
+        "gpu_hours": gpu_hours,
+        "device_kwh": None,
+        "kwh": None,
+        "kg_co2": None,
+        "usd": gpu_hours * cfg.usd_per_gpu_hour if cfg.usd_per_gpu_hour > 0 else None,
+        "car_km": None,
+        "phone_charges": None,
+    }
+    if joules is not None:
+        device_kwh = joules / JOULES_PER_KWH
+        kwh = device_kwh * cfg.pue
+        kg = kwh * cfg.grid_kg_per_kwh
+        out.update(device_kwh=device_kwh, kwh=kwh, kg_co2=kg)
+        out.update(car_km=kg / CAR_KG_CO2_PER_KM, phone_charges=kwh / PHONE_CHARGE_KWH)
+    return out
+
+
+def per_token(joules: float | None, tokens: int) -> float | None:
+    """Joules per training token; None when either is unknown or zero."""
+    if joules is None or tokens <= 0:
+        return None
+    return joules / tokens
+
+
+def summary(acc: dict[str, float | None]) -> str:
+    """One line for the end-of-run report, e.g. '1.24 kWh at the wall, 0.58 kg CO2 (~3.4 km ...)'."""
+    if acc["kwh"] is None:
+        parts = ["energy unknown (no GPU energy counter; set energy.cpu_watts to estimate)"]
+    else:
+        parts = [
+            f"{acc['kwh']:.3g} kWh at the wall ({acc['phone_charges']:.3g} phone charges)",
+            f"{acc['kg_co2']:.3g} kg CO2 (~{acc['car_km']:.3g} km in a petrol car)",
+        ]
+    if acc["usd"] is not None:
+        parts.append(f"${acc['usd']:.2f} for {acc['gpu_hours']:.3g} GPU-hours")
+    return ", ".join(parts)

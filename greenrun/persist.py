@@ -1,0 +1,97 @@
+"""The save pipeline: snapshot (the only part training waits for) → local commit → remote upload.
+
+Training blocks only while the state is copied off the device; a background thread writes and commits the local
+checkpoint, prunes old ones, and hands the committed directory to the uploader (another thread). The emergency
+path (preemption) does the same but waits, within the deadline, for the local commit and then the upload.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from greenrun import checkpoint
+from greenrun.checkpoint import CheckpointConfig, Snapshot
+
+
+class Persister:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        ckpt_root: Path,
+        uploader=None,  # remote.Uploader or None: committed checkpoints are mirrored through it
+        note: Callable[[str], None] = print,
+    ):
+        self.cfg, self.ckpt_root, self.uploader, self.note = cfg, ckpt_root, uploader, note
+        self.blocked_s: list[float] = []  # seconds the training loop waited, per save
+        self.last_committed: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        removed = checkpoint.clean_stale(ckpt_root)
+        if removed:
+            note(f"removed {len(removed)} unfinished checkpoint temp dir(s) a crashed writer left behind")
+
+    def save(self, snapshot_fn: Callable[[], Snapshot], *, wait: bool = False) -> None:
+        """Snapshot now; commit in the background (or right away with wait=True)."""
+        t0 = time.perf_counter()
+        self._join()  # one local write at a time: the disk, not a queue, bounds the backlog
+        snap = snapshot_fn()
+        self._thread = threading.Thread(target=self._write, args=(snap,), name="greenrun-ckpt", daemon=True)
+        self._thread.start()
+        blocked = time.perf_counter() - t0
+        if wait:
+            self._join()
+        self.blocked_s.append(blocked)
+        self.note(f"checkpoint step {snap.step}: training blocked {blocked:.2f} s")
+
+    def _write(self, snap: Snapshot) -> None:
+        try:
+            t0 = time.perf_counter()
+            path = checkpoint.write(snap, self.ckpt_root)
+            self.last_committed = path
+            protect = {path} | self._uploading()
+            checkpoint.prune(
+                self.ckpt_root, self.cfg.keep_last, keep_best=self.cfg.keep_best, protect=protect
+            )
+            self.note(f"checkpoint step {snap.step} committed locally in {time.perf_counter() - t0:.2f} s")
+            if self.uploader is not None:
+                self.uploader.submit(path)
+        except BaseException as e:  # surfaced on the training thread at the next save or close
+            self._error = e
+
+    def _uploading(self) -> set[Path]:
+        if self.uploader is None:
+            return set()
+        return {checkpoint.step_dir(self.ckpt_root, s) for s in self.uploader.in_flight_steps()}
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def emergency(self, snapshot_fn: Callable[[], Snapshot], seconds_left: Callable[[], float]) -> str:
+        """Commit locally, then upload what fits before the deadline. Returns what was achieved, in words."""
+        self.save(snapshot_fn, wait=True)
+        where = f"committed locally at {self.last_committed}"
+        if self.uploader is None:
+            return where
+        # Keep a margin for process exit; an upload that does not finish stays uncommitted remotely (no manifest).
+        budget = max(0.0, seconds_left() - 2.0)
+        if self.uploader.wait(timeout=budget):
+            return where + " and uploaded"
+        return (
+            where
+            + f"; upload still running when the deadline came ({budget:.0f} s) — it is not committed remotely"
+        )
+
+    def close(self, upload_timeout: float | None = None) -> None:
+        self._join()
+        if self.uploader is not None:
+            if not self.uploader.wait(timeout=upload_timeout):
+                self.note("checkpoint uploads did not finish in time; the local checkpoints are complete")
+            self.uploader.close(timeout=5.0)

@@ -1,0 +1,93 @@
+"""Where a run lives: its local directory and, with storage=s3, its mirror in a bucket.
+
+A run's key in the bucket is `<storage.prefix>/<run id>`, the run id being the run directory's name. At start the
+mirror gets config.yaml and the token cache (so a fresh machine with another Python still trains on the same
+tokens); every committed checkpoint follows through the background uploader. `greenrun resume s3://…` reverses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from greenrun import config, storage
+from greenrun.checkpoint import CheckpointError
+from greenrun.remote import Remote, Uploader, parse_run_url
+
+if TYPE_CHECKING:
+    from greenrun.config import Config
+
+
+def run_key(cfg: Config) -> str:
+    run_id = Path(cfg.run.dir).resolve().name
+    return f"{cfg.storage.prefix.strip('/')}/{run_id}" if cfg.storage.prefix.strip("/") else run_id
+
+
+def open_remote(cfg: Config, run_dir: Path) -> Remote | None:
+    """The run's mirror, or None for storage=local. Cleans this run's abandoned multipart uploads."""
+    if cfg.storage.kind != "s3":
+        return None
+    remote = Remote(storage.build(cfg.storage, run_dir), run_key(cfg))
+    aborted = remote.storage.abort_stale_uploads(remote.run_key + "/")
+    if aborted:
+        print(
+            f"aborted {aborted} unfinished multipart upload(s) a previous attempt left under {remote.run_key}/"
+        )
+    return remote
+
+
+def start_mirror(remote: Remote | None, run_dir: Path, data_cache: Path) -> Uploader | None:
+    if remote is None:
+        return None
+    remote.put_run_file("config.yaml", run_dir / "config.yaml")
+    remote.upload_data_cache(data_cache)
+    return Uploader(remote)
+
+
+def restore(
+    url: str, overrides: list[str], local_root: Path = Path("runs")
+) -> tuple[Config, Path, list[str]]:
+    """Bring an s3:// run to this machine: its config, token cache and newest valid checkpoint.
+
+    Returns (saved config pointing at the local run directory, that directory, overrides left to apply).
+    `storage.*` overrides (e.g. an endpoint URL for this machine) apply before anything is downloaded.
+    """
+    bucket, key = parse_run_url(url)
+    storage_overrides = [o for o in overrides if o.startswith("storage.")]
+    rest = [o for o in overrides if o not in storage_overrides]
+    prefix, _, run_id = key.rpartition("/")
+    probe = config.apply_overrides(
+        config.Config(),
+        [f"storage.bucket={bucket}", f"storage.prefix={prefix}", "storage.kind=s3", *storage_overrides],
+    )
+    st = storage.build(probe.storage, local_root)
+    remote = Remote(st, key)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        try:
+            st.get(f"{key}/config.yaml", cfg_path)
+        except storage.StorageError as e:
+            raise config.ConfigError([f"{url}: no greenrun run there ({e})"]) from None
+        saved = config.load_yaml(cfg_path)
+    local_dir = (local_root / run_id).resolve()
+    saved = dataclasses.replace(
+        saved,
+        run=dataclasses.replace(saved.run, dir=str(local_dir)),
+        storage=dataclasses.replace(probe.storage),
+    )
+    local_dir.mkdir(parents=True, exist_ok=True)
+    (local_dir / "config.yaml").write_text(config.to_yaml(saved))
+    steps = remote.steps()
+    if not steps:
+        raise CheckpointError(f"{url}: no committed checkpoint to resume")
+    path = remote.fetch_latest_valid(local_dir / "checkpoints", warn=lambda m: print(f"greenrun: {m}"))
+    if path is None:
+        raise CheckpointError(f"{url}: no checkpoint verifies (all {len(steps)} failed their sha256 check)")
+    from greenrun.checkpoint import read_manifest
+
+    key16 = read_manifest(path).get("data_cache_key", "")[:16]
+    if key16:
+        remote.download_data_cache(key16, Path(saved.data.cache_dir).expanduser())
+    return saved, local_dir, rest
