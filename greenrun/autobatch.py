@@ -290,3 +290,47 @@ def auto_micro_batch(
     note += f"; {micro} x {accum} accum = {tokens} tokens/step ({tokens / target_tokens - 1:+.2%} vs target)"
     log(f"auto micro-batch: {note}")
     return AutoBatch(micro, accum, tokens, probes, time.perf_counter() - t0, note)
+
+
+def resolve(cfg, device: torch.device, world_size: int, log: Callable[[str], None]) -> AutoBatch:
+    """Replace trainer.micro_batch_size=auto (and grad_accum_steps) in `cfg` by probed numbers.
+
+    Runs on a throwaway model before the real one exists; the resolved numbers go into config.yaml, so a
+    resume reuses them instead of probing again (a different split would change the batches).
+    """
+    from greenrun import activation_checkpointing, distributed, memory, model, optimizer, precision
+
+    t = cfg.trainer
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        m = model.GPT(cfg.model).to(device)
+        activation_checkpointing.apply(m, cfg.activation_checkpointing)
+        return m, optimizer.build(cfg.optimizer, m)
+
+    recompute = activation_checkpointing.plan(cfg.activation_checkpointing, cfg.model.n_layer)
+    steps = ThrowawaySteps(
+        build,
+        cfg.model.vocab_size,
+        cfg.model.seq_len,
+        device,
+        lambda: precision.autocast(cfg.precision.name, device),
+    )
+    try:
+        choice = auto_micro_batch(
+            steps,
+            cfg.model.seq_len,
+            t.global_batch_tokens,
+            world_size,
+            device,
+            log,
+            agree=distributed.min_int,
+            estimate_bytes=lambda mb: (
+                memory.estimate(
+                    cfg.model, mb, cfg.model.seq_len, cfg.precision.name, recompute, cfg.optimizer.name
+                ).total
+            ),
+        )
+    finally:
+        steps.close()
+    t.micro_batch_size, t.grad_accum_steps = choice.micro_batch, choice.grad_accum_steps
+    return choice

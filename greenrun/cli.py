@@ -93,9 +93,14 @@ def _overrides(args: list[str]) -> list[str]:
 def _compose_and_run(command: str, args: list[str]) -> int:
     import hydra
 
-    from greenrun import config
+    from greenrun import checks, config
 
     problems = config.check_overrides(_overrides(args))
+    fleet = os.environ.get("GREENRUN_PRECISION")
+    if fleet is not None:
+        problems += checks.choice(
+            "GREENRUN_PRECISION (environment variable)", fleet, config.groups()["precision"]
+        )
     if problems:
         err(str(config.ConfigError(problems)) + f"\nSee `greenrun {command} --help` for every group and key.")
         return EXIT_USAGE
@@ -130,7 +135,7 @@ def _task(command: str, dcfg) -> int:
     with open_dict(dcfg):
         dcfg.run.dir = HydraConfig.get().runtime.output_dir  # resolved once: ${now:} would drift
     cfg = config.to_typed(dcfg)
-    config.validate(cfg)
+    config.validate(cfg, check_device=command != "smoke")
     if command == "smoke":
         return smoke(cfg)
     run_dir = Path(cfg.run.dir)

@@ -19,10 +19,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import greenrun
-from greenrun import activation_checkpointing, checks, data, optimizer, precision, schedule, spot, storage
+from greenrun import (
+    activation_checkpointing,
+    checks,
+    data,
+    energy,
+    fp8,
+    optimizer,
+    precision,
+    schedule,
+    spot,
+    storage,
+)
 from greenrun.activation_checkpointing import ActivationCheckpointingConfig
 from greenrun.checkpoint import CheckpointConfig
 from greenrun.data import DataConfig
+from greenrun.energy import EnergyConfig
 from greenrun.model import ModelConfig
 from greenrun.optimizer import OptimizerConfig
 from greenrun.precision import PrecisionConfig
@@ -62,6 +74,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
     preflight: bool = True  # run the two-step CPU smoke check before training
     resume: str = (
         "never"  # train: never | auto (continue this run.dir's newest valid checkpoint if there is one)
@@ -204,12 +217,21 @@ def to_typed(cfg: DictConfig) -> Config:
     return typed
 
 
-def validate(cfg: Config) -> None:
-    """Collect every problem, component by component, and raise once."""
+def validate(cfg: Config, check_device: bool = True) -> None:
+    """Collect every problem, component by component, and raise once.
+
+    `check_device=False` for the smoke test, which runs a GPU config on the CPU on purpose.
+    """
     problems: list[str] = []
     problems += schedule.validate(cfg.schedule)
     problems += optimizer.validate(cfg.optimizer)
-    problems += checks.choice("precision.name", cfg.precision.name, precision.PRECISIONS)
+    problems += (
+        _device_problems(cfg)
+        if check_device
+        else checks.choice("precision.name", cfg.precision.name, precision.PRECISIONS)
+    )
+    problems += fp8.validate(cfg.precision.fp8) if cfg.precision.name == "fp8" else []
+    problems += energy.validate(cfg.energy)
     problems += activation_checkpointing.validate(cfg.activation_checkpointing, cfg.model.n_layer)
     problems += data.validate(cfg.data)
     problems += storage.validate(cfg.storage)
@@ -218,6 +240,21 @@ def validate(cfg: Config) -> None:
     problems += _trainer_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _device_problems(cfg: Config) -> list[str]:
+    """Impossible combinations of settings and this machine, found before anything is built."""
+    import torch
+
+    from greenrun.distributed import resolve_device
+
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        return [
+            "trainer.device=cuda: no CUDA GPU is visible here; use trainer.device=auto (or cpu), or a GPU machine"
+        ]
+    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
+        return []  # reported by the trainer checks
+    return precision.device_problems(cfg.precision.name, resolve_device(cfg.trainer.device))
 
 
 def _model_problems(m: ModelConfig) -> list[str]:

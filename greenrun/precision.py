@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from greenrun import checks
+from greenrun import checks, fp8
+from greenrun.fp8 import Fp8Config
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"  # fp32 | fp16 (dynamic loss scaling) | bf16 (no scaling needed)
+    name: str = (
+        "fp32"  # fp32 | fp16 (dynamic loss scaling) | bf16 (no scaling needed) | fp8 (wide linears, GPU)
+    )
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # which linears go to float8 with precision=fp8
     tf32: bool = True  # let fp32 matmuls use TF32 tensor cores on GPU; false for bit-exact fp32
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
+    # fp8 converts only the wide linears; everything else runs in bf16 autocast.
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}.get(name)
 
 
 def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -39,6 +44,8 @@ def device_problems(name: str, device: torch.device) -> list[str]:
     """What makes `name` impossible on `device`, in words a user can act on."""
     if name not in PRECISIONS:
         return checks.choice("precision.name", name, PRECISIONS)
+    if name == "fp8":
+        return fp8.device_problems(device)
     if device.type != "cuda":
         return []  # CPU autocast handles fp16 and bf16 (slowly); fine for smoke tests
     major, minor = torch.cuda.get_device_capability(device)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def run_key(cfg: Config) -> str:
-    run_id = Path(cfg.run.dir).resolve().name
-    return f"{cfg.storage.prefix.strip('/')}/{run_id}" if cfg.storage.prefix.strip("/") else run_id
+    """The run's key below the storage's own prefix (S3Storage prepends storage.prefix to every key)."""
+    return Path(cfg.run.dir).resolve().name
 
 
 def open_remote(cfg: Config, run_dir: Path) -> Remote | None:
@@ -63,11 +63,11 @@ def restore(
         [f"storage.bucket={bucket}", f"storage.prefix={prefix}", "storage.kind=s3", *storage_overrides],
     )
     st = storage.build(probe.storage, local_root)
-    remote = Remote(st, key)
+    remote = Remote(st, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         try:
-            st.get(f"{key}/config.yaml", cfg_path)
+            st.get(f"{run_id}/config.yaml", cfg_path)
         except storage.StorageError as e:
             raise config.ConfigError([f"{url}: no greenrun run there ({e})"]) from None
         saved = config.load_yaml(cfg_path)

@@ -59,8 +59,11 @@ def available_ram() -> int:
 def smoke_config(cfg: Config, n_layer: int) -> Config:
     """The same config shrunk to two CPU steps: same widths, heads and vocabulary."""
     t = cfg.trainer
+    # fp8 kernels need a Hopper/Ada GPU; on the CPU the same graph runs in bf16 (fp8 swaps only the matmuls).
+    prec = dataclasses.replace(cfg.precision, name="bf16") if cfg.precision.name == "fp8" else cfg.precision
     return dataclasses.replace(
         cfg,
+        precision=prec,
         model=dataclasses.replace(cfg.model, n_layer=n_layer, seq_len=min(cfg.model.seq_len, SMOKE_SEQ_LEN)),
         trainer=dataclasses.replace(
             t,
@@ -144,8 +147,10 @@ def _estimate(cfg: Config, device: torch.device) -> memory.MemoryEstimate | None
     )
 
 
-def _capacity(device: torch.device) -> tuple[str, int]:
+def _capacity(device: torch.device) -> tuple[str, int] | None:
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None  # a GPU config checked on a CPU: the target's memory is not known here
         props = torch.cuda.get_device_properties(device)
         return props.name, props.total_memory
     return "this machine's RAM", available_ram()
@@ -163,6 +168,8 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
     c = reporter.console
     status = "[bold green]PASS[/bold green]" if result.passed else "[bold red]FAIL[/bold red]"
     c.print(f"smoke {status} in {result.seconds:.1f} s: model={cfg.model.name}, {result.params:,} parameters")
+    if cfg.precision.name == "fp8":
+        c.print("  fp8 ran as bf16 on the CPU (float8 matmuls need a GPU with compute capability >= 8.9)")
     if result.layers_run < cfg.model.n_layer:
         c.print(
             f"  depth-reduced to {result.layers_run} of {cfg.model.n_layer} blocks: the full fp32 training state "

@@ -25,11 +25,13 @@ from greenrun import (
     checkpoint,
     data,
     distributed,
+    energy,
+    fp8,
     hardware,
-    memory,
     model,
     optimizer,
     precision,
+    profiling,
 )
 from greenrun.persist import Persister
 from greenrun.report import Reporter
@@ -57,6 +59,8 @@ class TrainerConfig:
     stop_at_step: int | None = None  # commit a checkpoint at this step and exit 0 (train in slices)
     compile: bool | None = None  # torch.compile the model; None = on for CUDA
     sample_tokens: int = 120  # tokens generated for the sample printed at the end (0 = none)
+    profile_every: int = 0  # run the torch profiler for profile_steps steps every N steps (0 = off)
+    profile_steps: int = 3  # steps per profiler window; traces land in RUN_DIR/profile/
 
 
 class Trainer:
@@ -83,15 +87,18 @@ class Trainer:
         else:
             self.data = data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
         if t.micro_batch_size == "auto":
-            self._resolve_auto_micro_batch()  # before the real model exists: the GPU is as empty as it gets
+            # Before the real model exists: the GPU is as empty as training will find it.
+            autobatch.resolve(cfg, self.device, self.dist.world_size, self.reporter.note)
         self.model = model.GPT(cfg.model).to(self.device)
         self.recompute = activation_checkpointing.apply(self.model, cfg.activation_checkpointing)
+        self.fp8_layers = fp8.apply(cfg.precision.fp8, self.model) if cfg.precision.name == "fp8" else []
         self.optimizer = optimizer.build(cfg.optimizer, self.model)
         self.scaler = precision.scaler(cfg.precision.name, self.device)
         self.autocast = lambda: precision.autocast(cfg.precision.name, self.device)
 
         self.train_model: torch.nn.Module = self.model
-        if t.compile if t.compile is not None else self.device.type == "cuda":
+        # fp8 casts only pay off fused into the surrounding kernels, so fp8 always compiles.
+        if self.fp8_layers or (t.compile if t.compile is not None else self.device.type == "cuda"):
             self.train_model = torch.compile(self.model)
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -108,47 +115,19 @@ class Trainer:
             if self.dist.is_main
             else None
         )
+        self.energy = energy.EnergyMeter(cfg.energy)
+        self.profiler = profiling.Windows(
+            t.profile_every if self.dist.is_main else 0,
+            t.profile_steps,
+            self.run_dir / "profile",
+            self.device,
+            self.reporter.note,
+        )
         self.flops_per_token = model.flops_per_token(cfg.model)
         self.peak_flops = hardware.peak_bf16_flops(self.device) * self.dist.world_size
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.last_val: float | None = None
         self.first_val: float | None = None
-
-    def _resolve_auto_micro_batch(self) -> None:
-        cfg, t = self.cfg, self.cfg.trainer
-
-        def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-            m = model.GPT(cfg.model).to(self.device)
-            activation_checkpointing.apply(m, cfg.activation_checkpointing)
-            return m, optimizer.build(cfg.optimizer, m)
-
-        recompute = activation_checkpointing.plan(cfg.activation_checkpointing, cfg.model.n_layer)
-        steps = autobatch.ThrowawaySteps(
-            build,
-            cfg.model.vocab_size,
-            cfg.model.seq_len,
-            self.device,
-            lambda: precision.autocast(cfg.precision.name, self.device),
-        )
-        try:
-            choice = autobatch.auto_micro_batch(
-                steps,
-                cfg.model.seq_len,
-                t.global_batch_tokens,
-                self.dist.world_size,
-                self.device,
-                self.reporter.note,
-                agree=distributed.min_int,
-                estimate_bytes=lambda mb: (
-                    memory.estimate(
-                        cfg.model, mb, cfg.model.seq_len, cfg.precision.name, recompute, cfg.optimizer.name
-                    ).total
-                ),
-            )
-        finally:
-            steps.close()
-        # Resolved numbers go into config.yaml, so a resume reuses them instead of probing again.
-        t.micro_batch_size, t.grad_accum_steps = choice.micro_batch, choice.grad_accum_steps
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
@@ -210,9 +189,12 @@ class Trainer:
         if self.step == 0:
             self._evaluate_and_log({"step": 0, "tokens": 0})
         self.reporter.start(total=t.max_steps, completed=self.step)
+        self.energy.start()
+        window_j = 0.0
         with PreemptionWatcher(self.cfg.spot, on_abort=self.reporter.note) as watcher:
             while self.step < stop_at:
-                stats = self.train_step()
+                with self.profiler.step(self.step):
+                    stats = self.train_step()
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
                 last = self.step in (stop_at, t.max_steps)
                 if self.step % t.log_interval == 0 or last or self.step % t.eval_interval == 0:
@@ -224,6 +206,12 @@ class Trainer:
                     )
                     if self.peak_flops:
                         record["mfu"] = record["tok_per_s"] * self.flops_per_token / self.peak_flops
+                    joules = self.energy.read()
+                    if joules is not None:  # energy of this window over its tokens: J/token as it runs
+                        tokens = (self.step - window_step) * self.tokens_per_step
+                        record["joules"] = joules
+                        record["j_per_token"] = (joules - window_j) / max(tokens, 1)
+                        window_j = joules
                     window_t, window_step = now, self.step
                     if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                         self._evaluate_and_log(record)
@@ -252,7 +240,13 @@ class Trainer:
             self.save_checkpoint(wait=True)
         wall = time.perf_counter() - t0
         trained_tokens = (self.step - start_step) * self.tokens_per_step
+        joules = self.energy.read()
+        self.energy.close()
         return {
+            "energy": energy.account(
+                joules, wall, self.dist.world_size if self.device.type == "cuda" else 0, self.cfg.energy
+            ),
+            "j_per_token": energy.per_token(joules, trained_tokens),
             "step": self.step,
             "finished": self.step >= t.max_steps,
             "preempted": preempted,
