@@ -79,6 +79,15 @@ class _StepKeys:
     attempts: dict[str, list[str]] = field(default_factory=dict)  # attempt id -> its file keys
 
 
+def _safe_key(key: str) -> bool:
+    """True for a key check_key accepts: a bucket can hold keys with '..' segments that we must not use."""
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
 def _digests(manifest: dict) -> dict[str, str]:
     return {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()}
 
@@ -103,6 +112,7 @@ class Remote:
         # Unique per process lifetime; sorts by start time and reads well in a bucket listing.
         started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self.attempt = check_key(attempt or f"a-{started}-{secrets.token_hex(4)}")
+        self.last_committed: int | None = None  # newest step this process committed (or found identical)
 
     def _step_prefix(self, step: int) -> str:
         return f"{self.run_key}/checkpoints/step-{step:08d}/"
@@ -156,7 +166,8 @@ class Remote:
         tmp.mkdir()
         try:
             for name in names:
-                if name != "meta.json" and "/" not in name:
+                # FIX: skip names check_key refuses (e.g. '..'): they raised ValueError and aborted the restore.
+                if name != "meta.json" and "/" not in name and _safe_key(prefix + name):
                     self.storage.get(prefix + name, tmp / name)
             problem = _cache_problem(tmp, meta_bytes)
             if problem:
@@ -188,7 +199,7 @@ class Remote:
             return UploadResult(step, nbytes, time.monotonic() - t0, committed, note)
 
         if self.storage.exists(self.manifest_key(step)):  # a resumed process redoing a step: send nothing
-            return result(*self._settle(step, manifest))
+            return self._record(result(*self._settle(step, manifest)))
         attempt_prefix = f"{self._step_prefix(step)}{self.attempt}/"
         keys = {name: attempt_prefix + name for name in manifest["files"]}
         remote = {**manifest, "attempt": self.attempt, "run_id": self.run_id, "keys": keys}
@@ -201,7 +212,7 @@ class Remote:
             self.storage.put_bytes(self.manifest_key(step), body, if_none_match=True)
         except CommitConflict:
             self._delete(sent)  # the winner's manifest never points at this attempt's files
-            return result(*self._settle(step, manifest), nbytes)
+            return self._record(result(*self._settle(step, manifest), nbytes))
         except BaseException:
             # Shards without a manifest attempt are garbage; after a failed manifest write they are not:
             # it may have landed anyway. prune() removes whatever stays behind.
@@ -215,7 +226,14 @@ class Remote:
             with contextlib.suppress(Exception):
                 self.storage.abort_stale_uploads(attempt_prefix)
         self._point_latest(step)
-        return result(True, f"step {step} committed at {self.storage.url(self.manifest_key(step))}", nbytes)
+        return self._record(
+            result(True, f"step {step} committed at {self.storage.url(self.manifest_key(step))}", nbytes)
+        )
+
+    def _record(self, outcome: UploadResult) -> UploadResult:
+        if outcome.committed and (self.last_committed is None or outcome.step > self.last_committed):
+            self.last_committed = outcome.step
+        return outcome
 
     def _settle(self, step: int, manifest: dict) -> tuple[bool, str]:
         """(committed, note) when the step already has a manifest: identical files count as committed."""
@@ -233,7 +251,9 @@ class Remote:
     def _point_latest(self, step: int) -> None:
         key = f"{self.run_key}/LATEST"
         try:
-            with contextlib.suppress(ObjectNotFound, ValueError, AttributeError):
+            # FIX: TypeError too: a LATEST whose "step" is not a number (e.g. "../x") made the comparison
+            # raise, and the Uploader then reported an upload as failed although its manifest had committed.
+            with contextlib.suppress(ObjectNotFound, ValueError, AttributeError, TypeError):
                 if json.loads(self.storage.get_bytes(key)).get("step", -1) > step:
                     return  # never move the hint backwards (a resumed process redoing an old step)
             self.storage.put_bytes(key, json.dumps({"step": step, "attempt": self.attempt}).encode())
@@ -246,7 +266,9 @@ class Remote:
         base, found = f"{self.run_key}/checkpoints/", {}
         for key in self.storage.list(base):
             match = _STEP_KEY.fullmatch(key[len(base) :])
-            if match:
+            # FIX: ignore keys check_key refuses (a planted 'step-00000001/../x'): prune() passed them to
+            # delete(), whose ValueError ended every run with exit 1. They are not ours to touch.
+            if match and _safe_key(key):
                 entry = found.setdefault(int(match[1]), _StepKeys())
                 if match[2]:
                     entry.committed = True
@@ -288,8 +310,18 @@ class Remote:
         if here and _digests(checkpoint.read_manifest(final)) == _digests(manifest):
             return final  # already here, byte for byte: nothing to download
         keys, where = manifest.get("keys", {}), f"remote step-{step:08d}"
-        if set(keys) != set(manifest.get("files", {})) or not all(
-            isinstance(k, str) and k.startswith(self._step_prefix(step)) for k in keys.values()
+        # FIX: the file names become local paths (tmp / name) and came unchecked from the bucket: a manifest
+        # listing '../../x' wrote x outside the run directory before verify() refused the checkpoint. Only
+        # the checkpoint's own file names pass now. Keys with '..' segments made get() raise ValueError,
+        # which aborted the resume instead of falling back to the previous checkpoint.
+        if (
+            not isinstance(keys, dict)
+            or set(keys) != set(manifest.get("files", {}))
+            or set(keys) != set(checkpoint.FILES)
+            or not all(
+                isinstance(k, str) and k.startswith(self._step_prefix(step)) and _safe_key(k)
+                for k in keys.values()
+            )
         ):
             raise CheckpointError(f"{where}: manifest keys do not match its files")
         dst_root.mkdir(parents=True, exist_ok=True)
@@ -340,6 +372,11 @@ class Remote:
         committed = sorted((s for s, keys in scan.items() if keys.committed), reverse=True)
         if not committed:
             return []
+        # FIX: "newest" counts manifests nobody verified; a newer broken or foreign one (a corrupted shard,
+        # a manifest with bad keys) made keep_last delete this run's good checkpoints, the one just
+        # uploaded included. What this process committed itself, from a verified local copy, always stays.
+        if self.last_committed is not None:
+            protect = {*protect, self.last_committed}
         newest, manifests = committed[0], self._manifests(committed)
         keep = {newest, *committed[: max(keep_last, 0)], *protect, *_best(manifests, keep_best)}
         deleted = []

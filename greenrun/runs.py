@@ -54,7 +54,10 @@ def restore(
     Returns (saved config pointing at the local run directory, that directory, overrides left to apply).
     `storage.*` overrides (e.g. an endpoint URL for this machine) apply before anything is downloaded.
     """
-    bucket, key = parse_run_url(url)
+    try:
+        bucket, key = parse_run_url(url)
+    except ValueError as e:  # FIX: a bad URL ('s3://b/p/..') is a usage error (exit 2), not a crash (exit 1)
+        raise config.ConfigError([str(e)]) from None
     storage_overrides = [o for o in overrides if o.startswith("storage.")]
     rest = [o for o in overrides if o not in storage_overrides]
     prefix, _, run_id = key.rpartition("/")
@@ -89,5 +92,9 @@ def restore(
 
     key16 = read_manifest(path).get("data_cache_key", "")[:16]
     if key16:
-        remote.download_data_cache(key16, Path(saved.data.cache_dir).expanduser())
+        # FIX: download into the cache_dir the resumed run will read, i.e. after a data.cache_dir override
+        # (a fresh machine's path). It went to the saved path, so the run found no cache where it looked
+        # and rebuilt the tokens from this machine's corpus instead of training on the run's own.
+        cache_dir = config.apply_overrides(saved, rest).data.cache_dir
+        remote.download_data_cache(key16, Path(cache_dir).expanduser())
     return saved, local_dir, rest

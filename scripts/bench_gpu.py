@@ -84,10 +84,10 @@ GROUPS = {
         "gr_fp8_gpt2",
         "gr_wide_bf16",
         "gr_wide_fp8",
-        "gr_xl_bf16",
-        "gr_xl_fp8",
         "curve_wide_bf16",
         "curve_wide_fp8",
+        "gr_xl_bf16",
+        "gr_xl_fp8",
     ],
 }
 CURVE_STEPS = 200
