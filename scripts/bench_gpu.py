@@ -89,6 +89,7 @@ GROUPS = {
         "gr_xl_bf16",
         "gr_xl_fp8",
     ],
+    "c": ["gr_chunk", "gr_ckpt_full_chunk", "profile_default", "gr_xl_bf16", "gr_xl_fp8"],
 }
 CURVE_STEPS = 200
 
@@ -250,7 +251,37 @@ def run_auto() -> dict:
     }
 
 
+def run_profile() -> dict:
+    """Where the default recipe's step time goes: the top CUDA kernels over 2 profiled steps."""
+    import tempfile
+
+    import torch
+
+    from greenrun.report import Reporter
+    from greenrun.trainer import Trainer
+
+    cfg = greenrun_cfg(["precision=bf16", "trainer.compile=true"])
+    trainer = Trainer(cfg, Path(tempfile.mkdtemp()), reporter=Reporter(enabled=False))
+    for _ in range(WARMUP):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            trainer.train_step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    top = [
+        {"name": e.key[:90], "ms": e.device_time_total / 1000 / 2, "share": e.device_time_total / total}
+        for e in events[:20]
+    ]
+    trainer.close()
+    return {"gpu_ms_per_step": total / 1000 / 2, "top_kernels": top}
+
+
 def child(name: str) -> dict:
+    if name == "profile_default":
+        return run_profile()
     if name == "auto":
         return run_auto()
     if name.startswith("curve_wide_"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 ROWS = {
     "gr_bf16_compile": "none",
@@ -30,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     rows: dict = {}
     for path in args.files:
-        rows.update(json.load(open(path))["rows"])
+        rows.update(json.loads(Path(path).read_text())["rows"])
     base = rows["gr_bf16_compile"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in ROWS.items():
