@@ -13,7 +13,9 @@
     to the process's exit 75, with storage=local and with storage=s3 (the emergency path also uploads).
 
 Not a test: numbers depend on the disk, the CPU count and the page cache. moto keeps objects in memory and runs in
-this process, so (b) measures greenrun's client path plus moto, not a network.
+this process, so (b) measures greenrun's client path plus moto, not a network. The fetch figure is moto-bound: moto
+answers each ranged GET (16 MiB ranges, 4 at a time) by slicing a copy of the whole object, which is several times
+slower than one plain GET of the same object on the same machine.
 """
 
 from __future__ import annotations

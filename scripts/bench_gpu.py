@@ -25,6 +25,11 @@ WARMUP, TIMED = 3, 8
 
 # name -> (kind, overrides or options)
 ROWS = {
+    "gr_chunk": ("gr", ["precision=bf16", "trainer.compile=true", "model.loss_chunk=4096"]),
+    "gr_ckpt_full_chunk": (
+        "gr",
+        ["precision=bf16", "trainer.compile=true", "activation_checkpointing=full", "model.loss_chunk=4096"],
+    ),
     "hf_fp32": ("hf", {"precision": "fp32", "compile": False}),
     "hf_bf16": ("hf", {"precision": "bf16", "compile": False}),
     "hf_bf16_compile": ("hf", {"precision": "bf16", "compile": True}),
@@ -90,6 +95,7 @@ GROUPS = {
         "gr_xl_fp8",
     ],
     "c": ["gr_chunk", "gr_ckpt_full_chunk", "profile_default", "gr_xl_bf16", "gr_xl_fp8"],
+    "d": ["gr_chunk", "gr_ckpt_full_chunk"],
 }
 CURVE_STEPS = 200
 
