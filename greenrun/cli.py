@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("train", "smoke", "resume")
+COMMANDS = ("train", "smoke", "resume", "archive")
 # Hydra flags that take a value: their value is not an override.
 VALUE_FLAGS = {
     "--cfg",
@@ -35,7 +35,10 @@ USAGE = """usage: greenrun COMMAND [overrides] [hydra flags]
 commands:
   train  [key=value ...]           compose the config, run the CPU preflight, train, checkpoint
   smoke  [key=value ...]           the real config for two steps on the CPU: PASS/FAIL and a memory estimate
-  resume RUN_DIR [key=value ...]   continue the newest valid checkpoint of RUN_DIR with its saved config
+  resume RUN_DIR|s3://B/P/RUN [key=value ...]
+                                   continue the newest valid checkpoint with the run's saved config
+  archive RUN_DIR|s3://B/P/RUN [older_than_days=30] [storage_class=GLACIER_IR]
+                                   move old checkpoints in S3 to a colder storage class (newest and best stay hot)
 
 examples:
   greenrun train                               the tiny model on the bundled corpus (CPU, a few minutes)
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if command == "resume":
         return _guard(lambda: resume(rest))
+    if command == "archive":
+        return _guard(lambda: archive(rest))
     if "-h" in rest or "--help" in rest:
         print(help_text(command))
         return EXIT_OK
@@ -260,6 +265,42 @@ def resume(args: list[str]) -> int:
     saved = dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, stop_at_step=None))
     cfg = config.apply_overrides(saved, overrides)
     return continue_run(saved, cfg, run_dir, missing_ok=False)
+
+
+def archive(args: list[str]) -> int:
+    from greenrun import config, runs
+    from greenrun.remote import Remote
+
+    opts = {"older_than_days": "30", "storage_class": "GLACIER_IR"}
+    positional = [a for a in args if "=" not in a]
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in opts:
+            opts[key] = value
+        elif a not in positional and not key.startswith("storage."):
+            raise config.ConfigError(
+                [f"archive: unknown option '{key}'; use older_than_days=, storage_class= or storage.*"]
+            )
+    if len(positional) != 1:
+        raise config.ConfigError(["archive takes one RUN_DIR or s3://bucket/prefix/run"])
+    storage_overrides = [a for a in args if a.startswith("storage.")]
+    target = positional[0]
+    if target.startswith("s3://"):
+        remote = runs.remote_for_url(target, storage_overrides)
+    else:
+        saved = config.apply_overrides(config.load_yaml(Path(target) / "config.yaml"), storage_overrides)
+        remote = runs.open_remote(saved, Path(target))
+        if remote is None:
+            raise config.ConfigError(
+                [f"{target}: this run has storage=local; archive moves S3 checkpoints only"]
+            )
+    try:
+        days = float(opts["older_than_days"])
+    except ValueError:
+        raise config.ConfigError([f"older_than_days={opts['older_than_days']}: not a number"]) from None
+    moved = Remote.archive(remote, days, opts["storage_class"])
+    print(f"archived {len(moved)} checkpoint(s) to {opts['storage_class']}: {moved}")
+    return EXIT_OK
 
 
 def continue_run(saved, cfg, run_dir: Path, missing_ok: bool) -> int:

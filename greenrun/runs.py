@@ -98,3 +98,17 @@ def restore(
         cache_dir = config.apply_overrides(saved, rest).data.cache_dir
         remote.download_data_cache(key16, Path(cache_dir).expanduser())
     return saved, local_dir, rest
+
+
+def remote_for_url(url: str, storage_overrides: list[str]) -> Remote:
+    """The Remote of `s3://bucket/prefix/run`, with `storage.*` overrides (endpoint, region) for this machine."""
+    try:
+        bucket, key = parse_run_url(url)
+    except ValueError as e:
+        raise config.ConfigError([str(e)]) from None
+    prefix, _, run_id = key.rpartition("/")
+    probe = config.apply_overrides(
+        config.Config(),
+        [f"storage.bucket={bucket}", f"storage.prefix={prefix}", "storage.kind=s3", *storage_overrides],
+    )
+    return Remote(storage.build(probe.storage, Path(".")), run_id)
