@@ -23,7 +23,6 @@ def test_archive_moves_old_checkpoints_only(s3_bucket, tiny, tmp_path):
         "trainer.eval_interval=1",
         "preflight=false",
         f"run.dir={run_dir}",
-        env=env,
     )
     assert r.returncode == 0, r.stderr
     url = f"s3://{s3_bucket.name}/team/arch-run"
@@ -33,7 +32,6 @@ def test_archive_moves_old_checkpoints_only(s3_bucket, tiny, tmp_path):
         "older_than_days=0",
         "storage_class=STANDARD_IA",
         f"storage.endpoint_url={s3_bucket.endpoint_url}",
-        env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     classes = {}
