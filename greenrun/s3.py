@@ -1,0 +1,293 @@
+"""The S3 backend of greenrun.storage: boto3 against AWS, MinIO, R2 or any S3-compatible endpoint.
+
+Every write is all-or-nothing: one PUT, or a multipart upload with fixed-size parts that is aborted on any
+failure (including a 412 on completion). Credentials come only from boto3's default chain; SDK loggers stay
+above DEBUG because debug logs can carry signed headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import boto3
+from boto3.exceptions import RetriesExceededError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from greenrun.storage import (
+    _ACCESS_CODES,
+    _MIB,
+    _SDK_LOGGERS,
+    _TMP_PREFIX,
+    CONNECT_TIMEOUT_S,
+    MAX_PARTS,
+    READ_TIMEOUT_S,
+    CommitConflict,
+    ObjectNotFound,
+    StorageConfig,
+    StorageError,
+    _check_prefix,
+    check_key,
+)
+
+log = logging.getLogger("greenrun.storage")
+
+
+def quiet_sdk_loggers() -> None:
+    """Cap AWS SDK loggers at WARNING: their DEBUG output includes signed request headers."""
+    for name in _SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:  # NOTSET (0) would inherit a DEBUG root
+            logger.setLevel(logging.WARNING)
+
+
+class S3Storage:
+    """Objects in an S3-compatible bucket under cfg.prefix.
+
+    Multipart uploads are driven here, not by boto3's transfer manager: that one cannot send IfNoneMatch
+    and swallows a failed abort at DEBUG level, leaving the upload and its billed parts behind silently.
+    """
+
+    list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum); tests lower it to exercise paging
+
+    def __init__(self, cfg: StorageConfig) -> None:
+        if cfg.part_size_mb < 5:
+            raise ValueError(f"storage.part_size_mb={cfg.part_size_mb} is below S3's 5 MiB minimum part")
+        quiet_sdk_loggers()
+        self.bucket = cfg.bucket
+        self.prefix = cfg.prefix.strip("/")
+        self.endpoint = cfg.endpoint_url or "AWS S3"
+        self.part_size = cfg.part_size_mb * _MIB
+        self.max_concurrency = cfg.max_concurrency
+        config = Config(
+            retries={"mode": cfg.retry_mode, "total_max_attempts": cfg.max_attempts},
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            max_pool_connections=max(10, 2 * cfg.max_concurrency),
+        )
+        session = boto3.session.Session()  # private: the default session is process-wide, not thread-safe
+        self.client = session.client(
+            "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=config
+        )
+        self._download_config = TransferConfig(
+            multipart_threshold=self.part_size,
+            multipart_chunksize=self.part_size,
+            max_concurrency=cfg.max_concurrency,
+            preferred_transfer_client="classic",  # CRT (auto-picked on some instances) has its own retries
+        )
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
+
+    def _full_prefix(self, prefix: str) -> str:
+        return f"{self.prefix}/{_check_prefix(prefix)}" if self.prefix else _check_prefix(prefix)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None:
+        full, size = self._full(key), os.path.getsize(src)
+        if size <= self.part_size:
+            self._put_object(full, Path(src).read_bytes(), if_none_match)
+        else:
+            self._put_multipart(full, Path(src), size, if_none_match)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+        self._put_object(self._full(key), data, if_none_match)
+
+    def _put_object(self, full: str, data: bytes, if_none_match: bool) -> None:
+        condition = {"IfNoneMatch": "*"} if if_none_match else {}
+        for attempt in range(1, 4):
+            with self._failing("write", full):
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition)
+                    return
+                except ClientError as e:
+                    if if_none_match and _status(e) == 412:
+                        if _was_retried(e) and self._etag_or_none(full) == hashlib.md5(data).hexdigest():
+                            return  # our first attempt landed but its answer was lost; the retry saw it
+                        raise CommitConflict(f"s3://{self.bucket}/{full} already exists") from None
+                    if _code(e) != "ConditionalRequestConflict" or attempt == 3:
+                        raise
+                    time.sleep(0.5 * attempt)  # a concurrent conditional write to this key is in flight
+
+    def _put_multipart(self, full: str, src: Path, size: int, if_none_match: bool) -> None:
+        count = -(-size // self.part_size)
+        if count > MAX_PARTS:
+            raise StorageError(
+                f"{src} needs {count} parts, S3 allows {MAX_PARTS}: raise storage.part_size_mb"
+            )
+        with self._failing("start an upload to", full):
+            created = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32"
+            )
+        upload_id, completed = created["UploadId"], False
+        try:
+            with self._failing("upload", full):
+                parts = self._upload_parts(full, upload_id, src, count)
+                self._complete(full, upload_id, parts, if_none_match)
+            completed = True
+        finally:
+            if not completed:  # any failure, also KeyboardInterrupt/SystemExit from a signal handler
+                self._abort(full, upload_id)
+
+    def _upload_parts(self, full: str, upload_id: str, src: Path, count: int) -> list[dict]:
+        def send(number: int) -> dict:
+            with open(src, "rb") as f:
+                f.seek((number - 1) * self.part_size)
+                body = f.read(self.part_size)
+            args = {"Bucket": self.bucket, "Key": full, "UploadId": upload_id, "PartNumber": number}
+            response = self.client.upload_part(**args, Body=body, ChecksumAlgorithm="CRC32")
+            # Some S3-compatible stores do not echo the checksum; completion then goes without it.
+            checksum = {"ChecksumCRC32": response["ChecksumCRC32"]} if "ChecksumCRC32" in response else {}
+            return {"PartNumber": number, "ETag": response["ETag"], **checksum}
+
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="greenrun-upload")
+        try:
+            futures = [pool.submit(send, number) for number in range(1, count + 1)]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            # A part still in flight during the abort could outlive it and stay billed: drain first.
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [future.result() for future in futures]  # raises the first part's error, if any
+
+    def _complete(self, full: str, upload_id: str, parts: list[dict], if_none_match: bool) -> None:
+        condition = {"IfNoneMatch": "*"} if if_none_match else {}
+        args = {"Bucket": self.bucket, "Key": full, "UploadId": upload_id}
+        try:
+            self.client.complete_multipart_upload(**args, MultipartUpload={"Parts": parts}, **condition)
+        except ClientError as e:
+            if _was_retried(e) and self._etag_or_none(full) == _multipart_etag(parts):
+                return  # the first completion landed, its answer was lost, and the retry was refused
+            if if_none_match and _status(e) == 412:
+                raise CommitConflict(f"s3://{self.bucket}/{full} already exists") from None
+            raise
+
+    def _abort(self, full: str, upload_id: str) -> bool:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as e:
+            if _code(e) != "NoSuchUpload":
+                what = f"multipart upload {upload_id} of s3://{self.bucket}/{full}"
+                log.warning(
+                    "could not abort %s (%s); its parts stay billed until abort_stale_uploads() "
+                    "or a bucket lifecycle rule removes them",
+                    what,
+                    _code(e) or type(e).__name__,
+                )
+                return False
+        return True
+
+    def abort_stale_uploads(self, prefix: str) -> int:
+        """Abort every in-progress multipart upload under prefix; only safe when no writer is active there."""
+        full_prefix, aborted = self._full_prefix(prefix), 0
+        with self._failing("list uploads under", full_prefix):
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                aborted += sum(self._abort(u["Key"], u["UploadId"]) for u in page.get("Uploads", []))
+        return aborted
+
+    def get(self, key: str, dst: Path) -> None:
+        full, dst = self._full(key), Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=_TMP_PREFIX)
+        os.close(fd)
+        try:
+            with self._failing("read", full):
+                self.client.download_file(self.bucket, full, tmp, Config=self._download_config)
+            os.replace(tmp, dst)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._failing("read", self._full(key)):
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+
+    def list(self, prefix: str) -> list[str]:
+        full_prefix, keys = self._full_prefix(prefix), []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        with self._failing("list", full_prefix):
+            paging = {"PageSize": self.list_page_size}
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full_prefix, PaginationConfig=paging
+            )
+            for page in pages:
+                keys += [item["Key"][strip:] for item in page.get("Contents", [])]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        with self._failing("delete", self._full(key)):
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))  # 204 for a missing key too
+
+    def exists(self, key: str) -> bool:
+        with self._failing("check", self._full(key)):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            except ClientError as e:
+                if _status(e) == 404:
+                    return False
+                raise
+        return True
+
+    def _etag_or_none(self, full: str) -> str | None:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"].strip('"')
+        return None
+
+    @contextlib.contextmanager
+    def _failing(self, action: str, full: str) -> Iterator[None]:
+        """Turn SDK exceptions raised inside into a StorageError saying what failed where."""
+        try:
+            yield
+        except (ClientError, BotoCoreError, RetriesExceededError) as e:
+            raise self._error(e, action, full) from e
+
+    def _error(self, e: Exception, action: str, full: str) -> StorageError:
+        """A StorageError that says what failed where; botocore's text carries no credentials."""
+        where = f"s3://{self.bucket}/{full} (endpoint: {self.endpoint})"
+        code = _code(e)
+        if isinstance(e, NoCredentialsError) or code in _ACCESS_CODES:
+            return StorageError(
+                f"could not {action} {where}: {code or e}. Credentials come only from boto3's default chain "
+                f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY env vars, AWS_PROFILE and ~/.aws, SSO, or the "
+                f"instance/container role); make sure they grant access to bucket {self.bucket!r}"
+            )
+        if code == "NoSuchBucket":
+            return StorageError(
+                f"bucket {self.bucket!r} does not exist at {self.endpoint} (set storage.bucket)"
+            )
+        if code in ("NoSuchKey", "404"):
+            return ObjectNotFound(f"no object at {where}")
+        return StorageError(f"could not {action} {where}: {e}")
+
+
+def _code(e: Exception) -> str | None:
+    return (getattr(e, "response", None) or {}).get("Error", {}).get("Code")  # some BotoCoreErrors hold None
+
+
+def _status(e: Exception) -> int | None:
+    return (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _was_retried(e: Exception) -> bool:
+    """True when botocore had retried: a 412 may then answer our own first attempt that did land."""
+    return (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+
+
+def _multipart_etag(parts: list[dict]) -> str | None:
+    """S3's ETag for a completed multipart upload: md5 of the parts' binary md5s, then -<count>."""
+    try:
+        digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
+    except ValueError:  # not md5 hex (e.g. SSE-KMS): cannot tell, so treat as someone else's object
+        return None
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
