@@ -212,7 +212,7 @@ def train(cfg, run_dir: Path, resume_from: Path | None = None) -> int:
         if is_main:
             # Written after the trainer resolved micro_batch_size=auto, so a resume reuses the numbers.
             _write_atomic(run_dir / "config.yaml", config.to_yaml(cfg))
-            trainer.persister.uploader = runs.start_mirror(remote, run_dir, trainer.data.cache_path)
+            trainer.persister.uploader = runs.start_mirror(remote, run_dir, trainer.data.cache_path, cfg)
         if resume_from is not None:
             trainer.resume_from(resume_from)
             reporter.note(f"resumed from {resume_from} at step {trainer.step}")

@@ -94,4 +94,4 @@ class Persister:
         if self.uploader is not None:
             if not self.uploader.wait(timeout=upload_timeout):
                 self.note("checkpoint uploads did not finish in time; the local checkpoints are complete")
-            self.uploader.close(timeout=5.0)
+            self.uploader.close(timeout=5.0 if upload_timeout is None else upload_timeout)

@@ -477,8 +477,10 @@ class Uploader:
     the newest checkpoint matters for a resume and an unbounded queue would grow behind a slow link.
     """
 
-    def __init__(self, remote: Remote) -> None:
+    def __init__(self, remote: Remote, keep_last: int = 0, keep_best: int = 0) -> None:
         self.remote = remote
+        # Retention after each commit (0 = none here): a long run must not keep every 1.5 GB checkpoint.
+        self.keep_last, self.keep_best = keep_last, keep_best
         self.results: list[UploadResult] = []
         self._cond = threading.Condition()
         self._pending: tuple[int, Path] | None = None
@@ -538,6 +540,11 @@ class Uploader:
                 # StorageError messages name the key and endpoint only; credentials never reach them.
                 log.warning("upload of step %d to %s failed: %s", step, where, e)
                 result = UploadResult(step, 0, time.monotonic() - t0, False, f"upload failed: {e}")
+            if result.committed and self.keep_last > 0:
+                try:
+                    self.remote.prune(self.keep_last, self.keep_best, protect=self.in_flight_steps() | {step})
+                except Exception as e:  # retention is housekeeping: never let it stop uploads
+                    log.warning("remote retention after step %d failed: %s", step, e)
             with self._cond:
                 self.results.append(result)
                 self._current = None

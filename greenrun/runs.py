@@ -38,12 +38,12 @@ def open_remote(cfg: Config, run_dir: Path) -> Remote | None:
     return remote
 
 
-def start_mirror(remote: Remote | None, run_dir: Path, data_cache: Path) -> Uploader | None:
+def start_mirror(remote: Remote | None, run_dir: Path, data_cache: Path, cfg: Config) -> Uploader | None:
     if remote is None:
         return None
     remote.put_run_file("config.yaml", run_dir / "config.yaml")
     remote.upload_data_cache(data_cache)
-    return Uploader(remote)
+    return Uploader(remote, keep_last=cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best)
 
 
 def restore(

@@ -127,6 +127,7 @@ class Trainer:
         self.peak_flops = hardware.peak_bf16_flops(self.device) * self.dist.world_size
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.last_val: float | None = None
+        self.upload_grace_s: float | None = None  # how long close() waits for uploads (None = until done)
         self.first_val: float | None = None
 
     # --- one optimizer step ---------------------------------------------------------------------------
@@ -187,6 +188,10 @@ class Trainer:
         window_t, window_step, last_save = t0, self.step, t0
         preempted = ""
         if self.step == 0:
+            if (
+                self.dist.is_main
+            ):  # a fresh start: lines from an attempt killed before its first checkpoint go
+                self.metrics_path.unlink(missing_ok=True)
             self._evaluate_and_log({"step": 0, "tokens": 0})
         self.reporter.start(total=t.max_steps, completed=self.step)
         self.energy.start()
@@ -227,6 +232,7 @@ class Trainer:
                     preempted = watcher.reason or "preemption signal"
                     self.reporter.note(f"{preempted}: writing an emergency checkpoint at step {self.step}")
                     done = self.save_checkpoint(emergency=watcher.remaining_s)
+                    self.upload_grace_s = 0.0  # the deadline is spent: close() must not wait on uploads
                     watcher.finished()
                     self.reporter.note(done)
                     break
@@ -376,7 +382,7 @@ class Trainer:
     def close(self) -> None:
         self.reporter.stop()
         if self.persister is not None:
-            self.persister.close()
+            self.persister.close(upload_timeout=self.upload_grace_s)
         distributed.teardown()
 
 
