@@ -269,7 +269,6 @@ def resume(args: list[str]) -> int:
 
 def archive(args: list[str]) -> int:
     from greenrun import config, runs
-    from greenrun.remote import Remote
 
     opts = {"older_than_days": "30", "storage_class": "GLACIER_IR"}
     positional = [a for a in args if "=" not in a]
@@ -298,7 +297,7 @@ def archive(args: list[str]) -> int:
         days = float(opts["older_than_days"])
     except ValueError:
         raise config.ConfigError([f"older_than_days={opts['older_than_days']}: not a number"]) from None
-    moved = Remote.archive(remote, days, opts["storage_class"])
+    moved = remote.archive(days, opts["storage_class"])
     print(f"archived {len(moved)} checkpoint(s) to {opts['storage_class']}: {moved}")
     return EXIT_OK
 
@@ -326,13 +325,18 @@ def continue_run(saved, cfg, run_dir: Path, missing_ok: bool) -> int:
         raise checkpoint.CheckpointError(
             f"no valid checkpoint under {run_dir / 'checkpoints'}; nothing to resume"
         )
-    saved_hash = checkpoint.read_manifest(path).get("config_hash")
-    if saved_hash != config.math_hash(cfg) and not cfg.allow_config_change:
-        raise config.ConfigError(
-            [
-                f"{path}: written by a different configuration (hash {saved_hash}); add allow_config_change=true"
-            ]
+    manifest = checkpoint.read_manifest(path)
+    problems = []
+    if manifest.get("config_hash") != config.math_hash(cfg):
+        problems.append(f"{path}: written by a different configuration (hash {manifest.get('config_hash')})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if manifest.get("world_size", world) != world:
+        problems.append(
+            f"{path}: written by {manifest['world_size']} process(es), resuming with {world}: the global batch "
+            "(micro x accum x world) and the batches each rank draws would change"
         )
+    if problems and not cfg.allow_config_change:
+        raise config.ConfigError([*problems, "add allow_config_change=true to continue anyway"])
     return train(cfg, run_dir, resume_from=path)
 
 

@@ -21,7 +21,7 @@ class Persister:
         self,
         cfg: CheckpointConfig,
         ckpt_root: Path,
-        uploader=None,  # remote.Uploader or None: committed checkpoints are mirrored through it
+        uploader=None,  # uploader.Uploader or None: committed checkpoints are mirrored through it
         note: Callable[[str], None] = print,
     ):
         self.cfg, self.ckpt_root, self.uploader, self.note = cfg, ckpt_root, uploader, note

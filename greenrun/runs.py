@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from greenrun import config, storage
 from greenrun.checkpoint import CheckpointError
-from greenrun.remote import Remote, Uploader, parse_run_url
+from greenrun.remote import Remote, parse_run_url
+from greenrun.uploader import Uploader
 
 if TYPE_CHECKING:
     from greenrun.config import Config

@@ -70,7 +70,7 @@ class Trainer:
         run_dir: Path,
         reporter: Reporter | None = None,
         dist: distributed.Dist | None = None,
-        uploader=None,  # remote.Uploader: mirror each committed checkpoint (rank 0 only)
+        uploader=None,  # uploader.Uploader: mirror each committed checkpoint (rank 0 only)
         data_cache: Path | None = None,  # resume: the exact token cache the checkpoint was trained on
     ):
         self.cfg, self.run_dir = cfg, Path(run_dir)

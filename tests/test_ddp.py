@@ -8,29 +8,31 @@ import sys
 import pytest
 
 from greenrun import checkpoint
+from tests.common import run_cli
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def torchrun_train(*overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "greenrun", "train"]
+    r = subprocess.run([*cmd, *overrides, "preflight=false"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
 def test_torchrun_two_processes(tiny, tmp_path):
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "-m",
-        "greenrun",
-        "train",
-        *tiny,
-        "trainer.max_steps=3",
-        "trainer.log_interval=1",
-        "preflight=false",
-        f"run.dir={run_dir}",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = torchrun_train(*tiny, "trainer.max_steps=3", "trainer.log_interval=1", f"run.dir={run_dir}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]  # one writer: no duplicated lines
     assert rows[-1]["tokens"] == 3 * 4 * 32 * 2  # steps x micro x seq x world
     assert checkpoint.verify(checkpoint.step_dir(run_dir / "checkpoints", 3)) is None
     assert r.stdout.count("greenrun summary") == 1
+
+
+def test_resume_with_another_world_size_is_refused(tiny, tmp_path):
+    run_dir = tmp_path / "ddp2"
+    torchrun_train(*tiny, "trainer.max_steps=4", "trainer.stop_at_step=2", f"run.dir={run_dir}")
+    r = run_cli("resume", str(run_dir))
+    assert r.returncode == 2
+    assert "written by 2 process(es), resuming with 1" in r.stderr and "allow_config_change=true" in r.stderr

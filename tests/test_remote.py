@@ -16,8 +16,9 @@ import torch
 
 from greenrun import checkpoint, remote
 from greenrun.checkpoint import CheckpointError
-from greenrun.remote import Remote, Uploader, parse_run_url
+from greenrun.remote import Remote, parse_run_url
 from greenrun.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, StorageConfig, StorageError
+from greenrun.uploader import Uploader
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite its asserts
     from tests.s3_fixtures import S3Bucket
