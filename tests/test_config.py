@@ -17,9 +17,19 @@ def _hydra():
 
 
 def typed(overrides):
+    """Composed and validated as `greenrun smoke` does: GPU-only settings are fine to compose on this CPU."""
     cfg = config.to_typed(compose(config_name="config", overrides=overrides))
-    config.validate(cfg)
+    config.validate(cfg, check_device=False)
     return cfg
+
+
+def test_device_checks_refuse_gpu_settings_on_a_cpu():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = typed(["+recipe=gpt2_gpu", "precision=fp8"])
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(cfg)
+    assert "trainer.device=cuda" in str(e.value)
 
 
 OPTIONS = [(g, o) for g, opts in config.groups().items() if g != "recipe" for o in opts]
