@@ -363,13 +363,39 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _composed_defaults() -> dict:
+    """The default config as Hydra composes it (conf/config.yaml and the default options), flattened."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from greenrun import config
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base=None):
+        raw = OmegaConf.to_container(compose(config_name="config"), resolve=False)
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(raw, "")
+    return flat
+
+
 def help_text(command: str) -> str:
     from greenrun import config
 
     lines = [USAGE, "config groups (choose with group=option; +recipe=NAME adds a preset):"]
     for group, options in config.groups().items():
         lines.append(f"  {group:<26} {', '.join(options)}")
-    lines.append("\nkeys (set with key=value):")
+    lines.append("\nkeys (set with key=value; values as `greenrun train` composes them with no overrides):")
+    composed = _composed_defaults()
 
     def walk(cls: type, prefix: str) -> None:
         docs = field_docs(cls)
@@ -378,7 +404,8 @@ def help_text(command: str) -> str:
             if dataclasses.is_dataclass(default):
                 walk(type(default), f"{prefix}{f.name}.")
                 continue
-            lines.append(f"  {prefix + f.name:<36} {default!s:<14} {docs.get(f.name, '')}")
+            value = composed.get(prefix + f.name, default)
+            lines.append(f"  {prefix + f.name:<36} {value!s:<14} {docs.get(f.name, '')}")
 
     walk(config.Config, "")
     lines.append(

@@ -76,9 +76,7 @@ class Config:
     spot: SpotConfig = field(default_factory=SpotConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     preflight: bool = True  # run the two-step CPU smoke check before training
-    resume: str = (
-        "never"  # train: never | auto (continue this run.dir's newest valid checkpoint if there is one)
-    )
+    resume: str = "never"  # train: never | auto (continue run.dir from its newest valid checkpoint)
     allow_config_change: bool = False  # resume: accept overrides that change the training math
 
 

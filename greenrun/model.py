@@ -30,9 +30,7 @@ class ModelConfig:
     vocab_size: int = 4096  # tokenizer vocabulary; embedding rows padded up to a multiple of 64
     dropout: float = 0.0  # dropout probability in [0, 1); 0 for pretraining
     bias: bool = True  # use biases in Linear and LayerNorm layers, as GPT-2 does
-    loss_chunk: int = (
-        0  # tokens per chunk for the fused linear+cross-entropy loss; 0 = plain full-logits loss
-    )
+    loss_chunk: int = 0  # tokens per chunk of the fused linear + cross-entropy; 0 = plain loss
 
     @property
     def padded_vocab(self) -> int:

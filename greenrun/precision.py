@@ -15,9 +15,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
 @dataclass
 class PrecisionConfig:
-    name: str = (
-        "fp32"  # fp32 | fp16 (dynamic loss scaling) | bf16 (no scaling needed) | fp8 (wide linears, GPU)
-    )
+    name: str = "fp32"  # fp32 | fp16 (loss scaling) | bf16 | fp8 (wide linears, GPU)
     fp8: Fp8Config = field(default_factory=Fp8Config)  # which linears go to float8 with precision=fp8
     tf32: bool = True  # let fp32 matmuls use TF32 tensor cores on GPU; false for bit-exact fp32
 

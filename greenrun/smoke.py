@@ -40,9 +40,7 @@ class SmokeResult:
     estimate: memory.MemoryEstimate | None  # predicted peak per device for the full config
     seconds: float
     losses: list[float] = field(default_factory=list)
-    capacity: tuple[str, int] | None = (
-        None  # (target device, its memory in bytes) the estimate is compared with
-    )
+    capacity: tuple[str, int] | None = None  # (target device, its memory in bytes)
 
 
 def available_ram() -> int:

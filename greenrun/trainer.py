@@ -46,9 +46,7 @@ if TYPE_CHECKING:
 class TrainerConfig:
     max_steps: int = 500  # optimizer steps in the whole run (schedules span all of them)
     micro_batch_size: Any = 16  # sequences per forward/backward on each device, or auto (probe GPU memory)
-    global_batch_tokens: int = (
-        0  # tokens per optimizer step for micro_batch_size=auto (0 = micro x accum x seq x world)
-    )
+    global_batch_tokens: int = 0  # tokens per optimizer step for micro_batch_size=auto
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = micro x accum x world)
     eval_interval: int = 100  # steps between validation evaluations (also at step 0 and the last step)
     eval_batches: int = 8  # micro-batches per validation evaluation
