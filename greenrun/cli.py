@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        from greenrun.checks import closest
+        from greenrun.core.checks import closest
 
         near = closest(command, COMMANDS)
         err(f"unknown command '{command}'" + (f"; did you mean '{near}'?" if near else "") + "\n" + USAGE)
@@ -98,7 +98,8 @@ def _overrides(args: list[str]) -> list[str]:
 def _compose_and_run(command: str, args: list[str]) -> int:
     import hydra
 
-    from greenrun import checks, config
+    from greenrun import config
+    from greenrun.core import checks
 
     problems = config.check_overrides(_overrides(args))
     fleet = os.environ.get("GREENRUN_PRECISION")
@@ -152,7 +153,7 @@ def _task(command: str, dcfg) -> int:
 
 def _guard(fn: Callable[[], int]) -> int:
     """Known failures become one message and an exit code; a traceback only with GREENRUN_DEBUG=1."""
-    from greenrun.checkpoint import CheckpointError
+    from greenrun.ckpt.checkpoint import CheckpointError
     from greenrun.config import ConfigError
     from greenrun.data import DataError
 
@@ -179,7 +180,7 @@ def _guard(fn: Callable[[], int]) -> int:
 
 def smoke(cfg) -> int:
     from greenrun import smoke as smoke_mod
-    from greenrun.report import Reporter
+    from greenrun.core.output import Reporter
 
     result = smoke_mod.run(cfg)
     smoke_mod.print_result(result, cfg, Reporter())
@@ -187,10 +188,11 @@ def smoke(cfg) -> int:
 
 
 def train(cfg, run_dir: Path, resume_from: Path | None = None) -> int:
-    from greenrun import checkpoint, config, runs
+    from greenrun import config, runs
     from greenrun import smoke as smoke_mod
-    from greenrun.report import Reporter
-    from greenrun.spot import EXIT_PREEMPTED
+    from greenrun.ckpt import checkpoint
+    from greenrun.core.output import Reporter
+    from greenrun.runtime.spot import EXIT_PREEMPTED
     from greenrun.trainer import Trainer
 
     reporter = Reporter(enabled=int(os.environ.get("RANK", "0")) == 0)
@@ -304,7 +306,8 @@ def archive(args: list[str]) -> int:
 
 def continue_run(saved, cfg, run_dir: Path, missing_ok: bool) -> int:
     """Resume `run_dir` with `cfg`, refusing math changes from `saved` unless allowed; start fresh if allowed."""
-    from greenrun import checkpoint, config
+    from greenrun import config
+    from greenrun.ckpt import checkpoint
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
     config.validate(cfg)

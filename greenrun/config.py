@@ -19,29 +19,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import greenrun
-from greenrun import (
-    activation_checkpointing,
-    checks,
-    data,
-    energy,
-    fp8,
-    optimizer,
-    precision,
-    schedule,
-    spot,
-    storage,
-)
-from greenrun.activation_checkpointing import ActivationCheckpointingConfig
-from greenrun.checkpoint import CheckpointConfig
+from greenrun import data, storage
+from greenrun.ckpt.checkpoint import CheckpointConfig
+from greenrun.core import checks
 from greenrun.data import DataConfig
-from greenrun.energy import EnergyConfig
-from greenrun.model import ModelConfig
-from greenrun.optimizer import OptimizerConfig
-from greenrun.precision import PrecisionConfig
-from greenrun.schedule import ScheduleConfig
-from greenrun.spot import SpotConfig
+from greenrun.runtime import energy, spot
+from greenrun.runtime.energy import EnergyConfig
+from greenrun.runtime.spot import SpotConfig
 from greenrun.storage import StorageConfig
-from greenrun.trainer import TrainerConfig
+from greenrun.train import activation_checkpointing, fp8, optimizer, precision, schedule
+from greenrun.train.activation_checkpointing import ActivationCheckpointingConfig
+from greenrun.train.model import ModelConfig
+from greenrun.train.optimizer import OptimizerConfig
+from greenrun.train.precision import PrecisionConfig
+from greenrun.train.schedule import ScheduleConfig
 
 
 class ConfigError(ValueError):
@@ -52,6 +43,25 @@ class ConfigError(ValueError):
         n = len(self.problems)
         head = "configuration error" if n == 1 else f"{n} configuration problems"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 500  # optimizer steps in the whole run (schedules span all of them)
+    micro_batch_size: Any = 16  # sequences per forward/backward on each device, or auto (probe GPU memory)
+    global_batch_tokens: int = 0  # tokens per optimizer step for micro_batch_size=auto
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = micro x accum x world)
+    eval_interval: int = 100  # steps between validation evaluations (also at step 0 and the last step)
+    eval_batches: int = 8  # micro-batches per validation evaluation
+    log_interval: int = 10  # steps between metrics.jsonl lines and progress updates
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    seed: int = 1337  # seeds init, data order and dropout
+    device: str = "auto"  # auto | cpu | cuda
+    stop_at_step: int | None = None  # commit a checkpoint at this step and exit 0 (train in slices)
+    compile: bool | None = None  # torch.compile the model; None = on for CUDA
+    sample_tokens: int = 120  # tokens generated for the sample printed at the end (0 = none)
+    profile_every: int = 0  # run the torch profiler for profile_steps steps every N steps (0 = off)
+    profile_steps: int = 3  # steps per profiler window; traces land in RUN_DIR/profile/
 
 
 @dataclass
@@ -244,7 +254,7 @@ def _device_problems(cfg: Config) -> list[str]:
     """Impossible combinations of settings and this machine, found before anything is built."""
     import torch
 
-    from greenrun.distributed import resolve_device
+    from greenrun.runtime.distributed import resolve_device
 
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         return [

@@ -10,15 +10,12 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from greenrun import config, storage
-from greenrun.checkpoint import CheckpointError
-from greenrun.remote import Remote, parse_run_url
-from greenrun.uploader import Uploader
-
-if TYPE_CHECKING:
-    from greenrun.config import Config
+from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.ckpt.remote import Remote, parse_run_url
+from greenrun.ckpt.uploader import Uploader
+from greenrun.config import Config
 
 
 def run_key(cfg: Config) -> str:
@@ -89,7 +86,7 @@ def restore(
     path = remote.fetch_latest_valid(local_dir / "checkpoints", warn=lambda m: print(f"greenrun: {m}"))
     if path is None:
         raise CheckpointError(f"{url}: no checkpoint verifies (all {len(steps)} failed their sha256 check)")
-    from greenrun.checkpoint import read_manifest
+    from greenrun.ckpt.checkpoint import read_manifest
 
     key16 = read_manifest(path).get("data_cache_key", "")[:16]
     if key16:

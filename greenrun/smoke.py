@@ -14,16 +14,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from greenrun import activation_checkpointing, checkpoint, distributed, memory, model
+from greenrun.ckpt import checkpoint
+from greenrun.config import Config
+from greenrun.core.output import Reporter
 from greenrun.data import DataError
-from greenrun.report import Reporter
-
-if TYPE_CHECKING:
-    from greenrun.config import Config
+from greenrun.runtime import distributed
+from greenrun.train import activation_checkpointing, memory, model
 
 SMOKE_MICRO_BATCH = 2  # sequences per micro-batch on the CPU
 SMOKE_SEQ_LEN = 64  # tokens per sequence on the CPU

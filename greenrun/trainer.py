@@ -11,54 +11,22 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from greenrun import (
-    activation_checkpointing,
-    autobatch,
-    checkpoint,
-    data,
-    distributed,
-    energy,
-    fp8,
-    hardware,
-    model,
-    optimizer,
-    precision,
-    profiling,
-)
-from greenrun.persist import Persister
-from greenrun.report import Reporter
-from greenrun.schedule import lr_at
-from greenrun.spot import PreemptionWatcher
-
-if TYPE_CHECKING:
-    from greenrun.config import Config
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 500  # optimizer steps in the whole run (schedules span all of them)
-    micro_batch_size: Any = 16  # sequences per forward/backward on each device, or auto (probe GPU memory)
-    global_batch_tokens: int = 0  # tokens per optimizer step for micro_batch_size=auto
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = micro x accum x world)
-    eval_interval: int = 100  # steps between validation evaluations (also at step 0 and the last step)
-    eval_batches: int = 8  # micro-batches per validation evaluation
-    log_interval: int = 10  # steps between metrics.jsonl lines and progress updates
-    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    seed: int = 1337  # seeds init, data order and dropout
-    device: str = "auto"  # auto | cpu | cuda
-    stop_at_step: int | None = None  # commit a checkpoint at this step and exit 0 (train in slices)
-    compile: bool | None = None  # torch.compile the model; None = on for CUDA
-    sample_tokens: int = 120  # tokens generated for the sample printed at the end (0 = none)
-    profile_every: int = 0  # run the torch profiler for profile_steps steps every N steps (0 = off)
-    profile_steps: int = 3  # steps per profiler window; traces land in RUN_DIR/profile/
+from greenrun import data
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.pipeline import Persister
+from greenrun.config import Config, math_hash
+from greenrun.core.output import Reporter
+from greenrun.runtime import distributed, energy, hardware, profiling
+from greenrun.runtime.spot import PreemptionWatcher
+from greenrun.train import activation_checkpointing, autobatch, fp8, model, optimizer, precision
+from greenrun.train.schedule import lr_at
 
 
 class Trainer:
@@ -309,8 +277,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def snapshot(self) -> checkpoint.Snapshot:
-        from greenrun.config import math_hash  # config imports this module
-
         state = self.state_dict()
         unique, aliases = checkpoint.unique_tensors(state["model"])
         return checkpoint.Snapshot(

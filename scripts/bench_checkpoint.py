@@ -38,11 +38,12 @@ from pathlib import Path
 
 import torch
 
-from greenrun import checkpoint, model, optimizer
-from greenrun.checkpoint import CheckpointConfig, Snapshot
-from greenrun.persist import Persister
-from greenrun.remote import Remote
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.checkpoint import CheckpointConfig, Snapshot
+from greenrun.ckpt.pipeline import Persister
+from greenrun.ckpt.remote import Remote
 from greenrun.storage import S3Storage, StorageConfig
+from greenrun.train import model, optimizer
 
 GB = 1e9
 # The tiny default model (conf/model/tiny.yaml) on a 200k-character slice of the bundled corpus.

@@ -6,7 +6,7 @@
 Every row runs in its own subprocess (fresh allocator, fresh peak-memory counters), GPT-2 124M at T=1024 unless
 the row says otherwise, the same global batch (micro 16 x accum 4 x 1024 = 65,536 tokens per optimizer step).
 Rows: tokens/s, MFU (6N + 12*L*H*Q*T FLOP per token against the device's dense bf16 peak), peak memory,
-ms/step, J/token from NVML's energy counter, and for greenrun rows the predicted peak from `greenrun.memory`.
+ms/step, J/token from NVML's energy counter, and for greenrun rows the predicted peak from `greenrun.train.memory`.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def greenrun_cfg(overrides: list[str]):
 def timed_steps(step_fn, tokens_per_step: int, flops_per_token: float) -> dict:
     import torch
 
-    from greenrun import energy, hardware
+    from greenrun.runtime import energy, hardware
 
     for _ in range(WARMUP):
         step_fn()
@@ -158,7 +158,7 @@ def run_hf(opts: dict) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from greenrun import model as gmodel
+    from greenrun.train import model as gmodel
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the plain fp32 path a user gets without toggles
     torch.backends.cudnn.allow_tf32 = False
@@ -188,8 +188,8 @@ def run_hf(opts: dict) -> dict:
 def run_greenrun(overrides: list[str]) -> dict:
     import tempfile
 
-    from greenrun import activation_checkpointing, memory
-    from greenrun.report import Reporter
+    from greenrun.core.output import Reporter
+    from greenrun.train import activation_checkpointing, memory
     from greenrun.trainer import Trainer
 
     cfg = greenrun_cfg(overrides)
@@ -214,7 +214,7 @@ def run_curve(precision: str) -> dict:
     """Loss over the first CURVE_STEPS optimizer steps of the wide config (bf16 vs fp8 must match within 1%)."""
     import tempfile
 
-    from greenrun.report import Reporter
+    from greenrun.core.output import Reporter
     from greenrun.trainer import Trainer
 
     cfg = greenrun_cfg(
@@ -239,7 +239,8 @@ def run_auto() -> dict:
     """micro_batch_size=auto on GPT-2 124M bf16: choice, probes and time; the largest fitting value for reference."""
     import torch
 
-    from greenrun import autobatch, distributed
+    from greenrun.runtime import distributed
+    from greenrun.train import autobatch
 
     cfg = greenrun_cfg(
         ["precision=bf16", "trainer.micro_batch_size=auto", "trainer.global_batch_tokens=524288"]
@@ -263,7 +264,7 @@ def run_profile() -> dict:
 
     import torch
 
-    from greenrun.report import Reporter
+    from greenrun.core.output import Reporter
     from greenrun.trainer import Trainer
 
     cfg = greenrun_cfg(["precision=bf16", "trainer.compile=true"])

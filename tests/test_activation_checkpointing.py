@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from greenrun import model as model_module
-from greenrun.activation_checkpointing import (
+from greenrun.train import model as model_module
+from greenrun.train.activation_checkpointing import (
     POLICIES,
     ActivationCheckpointingConfig,
     apply,
     plan,
     validate,
 )
-from greenrun.model import GPT, ModelConfig
+from greenrun.train.model import GPT, ModelConfig
 
 AC = ActivationCheckpointingConfig
 

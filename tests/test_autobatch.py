@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 
-from greenrun import autobatch, memory, model, optimizer
-from greenrun.autobatch import auto_micro_batch, cpu_fallback, global_batch_plan, probe, with_margin
+from greenrun.train import autobatch, memory, model, optimizer
+from greenrun.train.autobatch import auto_micro_batch, cpu_fallback, global_batch_plan, probe, with_margin
 
 
 def oom_above(threshold: int, calls: list[int] | None = None):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from greenrun import checkpoint
+from greenrun.ckpt import checkpoint
 
 
 def snapshot(step: int, value: float = 1.0) -> checkpoint.Snapshot:

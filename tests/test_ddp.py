@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from greenrun import checkpoint
+from greenrun.ckpt import checkpoint
 from tests.common import run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from greenrun import energy
-from greenrun.energy import EnergyConfig, EnergyMeter
+from greenrun.runtime import energy
+from greenrun.runtime.energy import EnergyConfig, EnergyMeter
 
 
 class FakeClock:

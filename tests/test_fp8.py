@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from greenrun import fp8
-from greenrun.fp8 import Fp8Config
-from greenrun.model import GPT, ModelConfig
+from greenrun.train import fp8
+from greenrun.train.fp8 import Fp8Config
+from greenrun.train.model import GPT, ModelConfig
 
 
 def small_gpt(n_embd: int = 64, n_layer: int = 2) -> GPT:

@@ -6,7 +6,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from greenrun.profiling import Windows
+from greenrun.runtime.profiling import Windows
 from tests.common import run_cli
 
 

@@ -5,9 +5,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from greenrun.activation_checkpointing import ActivationCheckpointingConfig, plan
-from greenrun.memory import GiB, MemoryEstimate, block_bytes_per_token, estimate
-from greenrun.model import GPT, ModelConfig, count_params, preset
+from greenrun.train.activation_checkpointing import ActivationCheckpointingConfig, plan
+from greenrun.train.memory import GiB, MemoryEstimate, block_bytes_per_token, estimate
+from greenrun.train.model import GPT, ModelConfig, count_params, preset
 
 
 class _LiveOutputs(TorchDispatchMode):

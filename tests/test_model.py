@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from greenrun.model import (
+from greenrun.train.model import (
     GPT,
     PRESETS,
     ModelConfig,

@@ -5,9 +5,9 @@ import time
 
 import torch
 
-from greenrun import checkpoint
-from greenrun.checkpoint import CheckpointConfig
-from greenrun.persist import Persister
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.checkpoint import CheckpointConfig
+from greenrun.ckpt.pipeline import Persister
 
 
 def snap(step: int, val: float | None = None) -> checkpoint.Snapshot:

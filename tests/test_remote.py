@@ -1,4 +1,4 @@
-"""greenrun.remote: checkpoints mirrored to a Storage and back, on both backends, then S3-only behaviour."""
+"""greenrun.ckpt.remote: checkpoints mirrored to a Storage and back, on both backends, then S3-only behaviour."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from greenrun import checkpoint, remote
-from greenrun.checkpoint import CheckpointError
-from greenrun.remote import Remote, parse_run_url
+from greenrun.ckpt import checkpoint, remote
+from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.ckpt.remote import Remote, parse_run_url
+from greenrun.ckpt.uploader import Uploader
 from greenrun.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, StorageConfig, StorageError
-from greenrun.uploader import Uploader
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite its asserts
     from tests.s3_fixtures import S3Bucket
@@ -289,7 +289,7 @@ def test_uploader_survives_a_failed_upload(tmp_path: Path, caplog: pytest.LogCap
 
     rem = Remote(Hooked(LocalStorage(tmp_path / "bucket"), flaky), RUN)
     uploader = Uploader(rem)
-    with caplog.at_level(logging.WARNING, logger="greenrun.remote"):
+    with caplog.at_level(logging.WARNING, logger="greenrun.ckpt.remote"):
         uploader.submit(write_ckpt(tmp_path / "local", 1))
         assert uploader.wait(10)
         uploader.submit(write_ckpt(tmp_path / "local", 2))
@@ -349,7 +349,7 @@ def test_archive_moves_only_old_checkpoints(
     assert storage_classes(s3_bucket, rem, 3) == {"STANDARD_IA"}
     with pytest.raises(ValueError, match="GLACIER"):
         rem.archive(older_than_days=7, storage_class="DEEP_ARCHIVE")
-    with caplog.at_level(logging.INFO, logger="greenrun.remote"):
+    with caplog.at_level(logging.INFO, logger="greenrun.ckpt.remote"):
         assert Remote(LocalStorage(tmp_path / "bucket"), RUN).archive(older_than_days=0) == []
     assert "nothing to do" in caplog.text
 

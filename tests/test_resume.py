@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from greenrun import checkpoint
+from greenrun.ckpt import checkpoint
 from tests.common import TINY, run_cli
 
 STEPS = ["trainer.max_steps=20", "trainer.log_interval=1", "trainer.eval_interval=5", "preflight=false"]

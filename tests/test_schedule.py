@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from greenrun.schedule import ScheduleConfig, lr_at, validate
+from greenrun.train.schedule import ScheduleConfig, lr_at, validate
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])

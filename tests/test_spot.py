@@ -1,4 +1,4 @@
-"""Tests for greenrun.spot: metadata pollers against a fake server, signals, the deadline watchdog."""
+"""Tests for greenrun.runtime.spot: metadata pollers against a fake server, signals, the deadline watchdog."""
 
 import logging
 import math
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from greenrun import spot
-from greenrun.spot import (
+from greenrun.runtime import spot
+from greenrun.runtime.spot import (
     EXIT_ABORTED,
     EXIT_PREEMPTED,
     PreemptionAbort,
@@ -163,7 +163,7 @@ def test_unreachable_metadata_service_is_logged_once_and_never_sets_the_flag(pro
     down = FakeMetadata()
     url = down.url
     down._server.server_close()  # bound once to get a free port, then closed: connections are refused
-    caplog.set_level(logging.DEBUG, logger="greenrun.spot")
+    caplog.set_level(logging.DEBUG, logger="greenrun.runtime.spot")
     with watcher_for(provider, url) as watcher:
         time.sleep(5 * POLL_S)
         assert not watcher.requested
@@ -248,7 +248,7 @@ def test_previous_handlers_are_restored_on_close():
 
 CHILD = """
 import os, signal, sys, time
-from greenrun.spot import EXIT_PREEMPTED, PreemptionWatcher, SpotConfig
+from greenrun.runtime.spot import EXIT_PREEMPTED, PreemptionWatcher, SpotConfig
 
 def on_abort(why):
     print(f"ABORT {{time.monotonic() - watcher.notice_time:.3f}} {{why}}", flush=True)

@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from greenrun import checkpoint
-from greenrun.remote import Remote
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.remote import Remote
 from greenrun.storage import S3Storage, StorageConfig
 from tests.common import TINY
 from tests.fake_metadata import FakeMetadata

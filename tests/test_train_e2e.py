@@ -2,7 +2,7 @@
 
 import json
 
-from greenrun import checkpoint
+from greenrun.ckpt import checkpoint
 from tests.common import run_cli
 
 

@@ -12,10 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-from greenrun import checkpoint
-from greenrun.remote import Remote, UploadResult
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.remote import Remote, UploadResult
 
-log = logging.getLogger("greenrun.remote")
+log = logging.getLogger("greenrun.ckpt.remote")
 
 
 class Uploader:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from greenrun import checks
+from greenrun.core import checks
 
 OPTIMIZERS = ("adamw",)
 

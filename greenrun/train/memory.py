@@ -12,7 +12,7 @@ Weights, gradients, optimizer (parameters are fp32 master copies in every precis
     optimizer_state = adamw: 8 N (two fp32 moments); adafactor: 4 (rows + cols) per 2-D parameter and
                       4 n per 1-D one; sgd: 0
 
-Activations, bytes per token, counted from what autograd saves in ``greenrun.model.Block``:
+Activations, bytes per token, counted from what autograd saves in ``greenrun.train.model.Block``:
     "none" block      2 C r   LayerNorm inputs (ln_1: the block input; ln_2: after the attention add)
                     + 14 C a  ln_1 out (C), qkv (3C: q, k, v are views of it), attention out (C, also
                               the c_proj input, same storage), ln_2 out (C), c_fc out (4C) = GELU
@@ -50,7 +50,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from greenrun.model import GPT, ModelConfig, count_params, padded_vocab
+from greenrun.train.model import GPT, ModelConfig, count_params, padded_vocab
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")

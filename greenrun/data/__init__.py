@@ -31,7 +31,7 @@ import tokenizers
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from greenrun import checks
+from greenrun.core import checks
 
 try:
     import fcntl

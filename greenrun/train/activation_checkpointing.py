@@ -1,9 +1,9 @@
 """Activation checkpointing plans: which transformer blocks recompute their activations in backward.
 
 A plan is a list with one entry per block, each "none" | "full" | "selective", which the model
-reads from ``model.recompute`` (see ``greenrun.model.run_block``). Notation used below, for one
+reads from ``model.recompute`` (see ``greenrun.train.model.run_block``). Notation used below, for one
 micro-batch: A = everything autograd saves for one block, I = one block's input (the residual
-stream, about A/16 in fp32 and A/9 under bf16 autocast; see ``greenrun.memory``).
+stream, about A/16 in fp32 and A/9 under bf16 autocast; see ``greenrun.train.memory``).
 
 - "none" block: keeps A until backward.
 - "full" block: keeps only I; backward re-runs the block's forward (about +1/3 of its step time)
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from greenrun import checks
+from greenrun.core import checks
 
 POLICIES = ("none", "full", "every_k", "sqrt", "selective")
 

@@ -32,8 +32,8 @@ import numpy as np
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from greenrun import checkpoint
-from greenrun.checkpoint import CheckpointError
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.checkpoint import CheckpointError
 from greenrun.storage import (
     CommitConflict,
     LocalStorage,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from greenrun import checks
+from greenrun.core import checks
 
 # torchao's Float8LinearRecipeName values. rowwise_with_gw_hp keeps the weight-gradient matmul in
 # high precision: the most accurate and the slowest of the three.

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from greenrun import checkpoint
-from greenrun.checkpoint import CheckpointConfig, Snapshot
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.checkpoint import CheckpointConfig, Snapshot
 
 
 class Persister:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from greenrun import checks
+from greenrun.core import checks
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -23,20 +23,20 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from greenrun.storage import (
-    _ACCESS_CODES,
-    _MIB,
-    _SDK_LOGGERS,
-    _TMP_PREFIX,
+from greenrun.core.fs import TMP_PREFIX
+from greenrun.storage.base import (
+    ACCESS_CODES,
     CONNECT_TIMEOUT_S,
     MAX_PARTS,
+    MIB,
     READ_TIMEOUT_S,
+    SDK_LOGGERS,
     CommitConflict,
     ObjectNotFound,
     StorageConfig,
     StorageError,
-    _check_prefix,
     check_key,
+    check_prefix,
 )
 
 log = logging.getLogger("greenrun.storage")
@@ -44,7 +44,7 @@ log = logging.getLogger("greenrun.storage")
 
 def quiet_sdk_loggers() -> None:
     """Cap AWS SDK loggers at WARNING: their DEBUG output includes signed request headers."""
-    for name in _SDK_LOGGERS:
+    for name in SDK_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level < logging.WARNING:  # NOTSET (0) would inherit a DEBUG root
             logger.setLevel(logging.WARNING)
@@ -66,7 +66,7 @@ class S3Storage:
         self.bucket = cfg.bucket
         self.prefix = cfg.prefix.strip("/")
         self.endpoint = cfg.endpoint_url or "AWS S3"
-        self.part_size = cfg.part_size_mb * _MIB
+        self.part_size = cfg.part_size_mb * MIB
         self.max_concurrency = cfg.max_concurrency
         config = Config(
             retries={"mode": cfg.retry_mode, "total_max_attempts": cfg.max_attempts},
@@ -89,7 +89,7 @@ class S3Storage:
         return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
 
     def _full_prefix(self, prefix: str) -> str:
-        return f"{self.prefix}/{_check_prefix(prefix)}" if self.prefix else _check_prefix(prefix)
+        return f"{self.prefix}/{check_prefix(prefix)}" if self.prefix else check_prefix(prefix)
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
@@ -199,7 +199,7 @@ class S3Storage:
     def get(self, key: str, dst: Path) -> None:
         full, dst = self._full(key), Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=_TMP_PREFIX)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=TMP_PREFIX)
         os.close(fd)
         try:
             with self._failing("read", full):
@@ -256,7 +256,7 @@ class S3Storage:
         """A StorageError that says what failed where; botocore's text carries no credentials."""
         where = f"s3://{self.bucket}/{full} (endpoint: {self.endpoint})"
         code = _code(e)
-        if isinstance(e, NoCredentialsError) or code in _ACCESS_CODES:
+        if isinstance(e, NoCredentialsError) or code in ACCESS_CODES:
             return StorageError(
                 f"could not {action} {where}: {code or e}. Credentials come only from boto3's default chain "
                 f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY env vars, AWS_PROFILE and ~/.aws, SSO, or the "

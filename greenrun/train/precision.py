@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from greenrun import checks, fp8
-from greenrun.fp8 import Fp8Config
+from greenrun.core import checks
+from greenrun.train import fp8
+from greenrun.train.fp8 import Fp8Config
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 

@@ -3,7 +3,7 @@
 Reads top to bottom: the global-batch arithmetic (pure), the OOM probe (doubling, then bisection, of
 real training steps), the safety margin, a throwaway model to probe with, and ``auto_micro_batch``,
 the one call the trainer makes. On CPU nothing is probed: RAM is large and swapping so slow that
-"does it fit" is better answered by ``greenrun.memory``'s analytic estimate.
+"does it fit" is better answered by ``greenrun.train.memory``'s analytic estimate.
 """
 
 from __future__ import annotations
@@ -298,7 +298,8 @@ def resolve(cfg, device: torch.device, world_size: int, log: Callable[[str], Non
     Runs on a throwaway model before the real one exists; the resolved numbers go into config.yaml, so a
     resume reuses them instead of probing again (a different split would change the batches).
     """
-    from greenrun import activation_checkpointing, distributed, memory, model, optimizer, precision
+    from greenrun.runtime import distributed
+    from greenrun.train import activation_checkpointing, memory, model, optimizer, precision
 
     t = cfg.trainer
 

@@ -1,0 +1,95 @@
+"""What every storage backend shares: its config, its errors, the Protocol and the key rules.
+
+Checkpoints must survive spot preemption, so every write is all-or-nothing (os.replace locally; one PUT or
+an aborted-on-failure multipart upload on S3) and commit markers use ``if_none_match`` so one writer wins.
+S3 credentials come only from boto3's default chain; no config field holds them and nothing logs them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+KINDS = ("local", "s3")
+RETRY_MODES = ("standard", "adaptive")
+MIN_PART_SIZE_MB = 8  # every part but the last has exactly part_size_mb; R2 wants equal parts, AWS >= 5 MiB
+MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60  # a 16 MiB part on a slow link still answers well within this
+MIB = 1024 * 1024
+KEY_RE = re.compile(r"[A-Za-z0-9._/=-]+")
+SDK_LOGGERS = ("boto3", "botocore", "s3transfer", "urllib3")
+# Error codes that mean "these credentials may not do this", as opposed to "this does not exist".
+ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
+ACCESS_CODES |= {"InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem"}
+
+
+@dataclass
+class StorageConfig:
+    kind: str = "local"  # local | s3
+    bucket: str = ""  # S3 bucket name, required for kind=s3 (no s3:// and no slashes)
+    prefix: str = ""  # key prefix under which runs live, e.g. "greenrun" ("" = bucket root)
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, a test server); None = AWS
+    region: str | None = None  # e.g. us-east-1; None = from the default chain (AWS_DEFAULT_REGION, ~/.aws)
+    retry_mode: str = "standard"  # standard | adaptive (adaptive also slows down on SlowDown throttling)
+    max_attempts: int = 10  # tries per S3 request, the first included (>= 1)
+    part_size_mb: int = 16  # MiB per multipart part, fixed; bigger files go up in parts (>= 8)
+    max_concurrency: int = 4  # parts uploaded / ranges downloaded in parallel (>= 1)
+
+
+class CommitConflict(Exception):
+    """An ``if_none_match=True`` write found the object already there: another writer won."""
+
+
+class StorageError(Exception):
+    """A storage operation failed for a reason other than a commit conflict; the message says why."""
+
+
+class ObjectNotFound(StorageError):
+    """get / get_bytes of a key that holds no object."""
+
+
+class Storage(Protocol):
+    """Keys are '/'-separated and relative; each backend adds its own root or prefix."""
+
+    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None: ...
+    def get(self, key: str, dst: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def list(self, prefix: str) -> list[str]: ...  # every key under prefix (plain string prefix), sorted
+    def delete(self, key: str) -> None: ...  # a missing key is not an error
+    def exists(self, key: str) -> bool: ...
+    def url(self, key: str) -> str: ...  # for messages only
+    def abort_stale_uploads(self, prefix: str) -> int: ...  # leftovers of interrupted writes; returns count
+
+
+def check_key(key: str) -> str:
+    """Return key if it is a safe relative key, else raise ValueError naming it."""
+    # The pattern already excludes backslashes and NUL; empty and '.' segments would alias other keys.
+    if (
+        not KEY_RE.fullmatch(key)
+        or key.startswith("/")
+        or ".." in key
+        or any(part in ("", ".") for part in key.split("/"))
+    ):
+        raise ValueError(
+            f"invalid storage key {key!r}: keys are relative '/'-separated paths of A-Z a-z 0-9 . _ = - "
+            "without '..', backslashes, NUL or empty segments"
+        )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    if prefix.rstrip("/"):
+        check_key(prefix.rstrip("/"))
+    return prefix
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix')."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", url)
+    if not match:
+        raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket or s3://bucket/some/prefix)")
+    return match.group(1), match.group(2).strip("/")
