@@ -18,10 +18,10 @@ from hydra.core.override_parser.types import ChoiceSweep, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import greenrun
 from greenrun import data, storage
 from greenrun.ckpt.checkpoint import CheckpointConfig
 from greenrun.core import checks
+from greenrun.core.shipped import conf_dir, recipes_dir
 from greenrun.data import DataConfig
 from greenrun.runtime import energy, spot
 from greenrun.runtime.energy import EnergyConfig
@@ -111,23 +111,6 @@ MATH_KEYS = (
 
 
 # --- where the YAML lives -------------------------------------------------------------------------
-
-
-def _shipped_dir(name: str) -> Path:
-    """conf/ and recipes/ sit inside the package in a wheel and at the repository top in a checkout."""
-    pkg = Path(greenrun.__file__).resolve().parent
-    for candidate in (pkg / name, pkg.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"greenrun's {name}/ directory is missing from {pkg}; reinstall greenrun")
-
-
-def conf_dir() -> Path:
-    return _shipped_dir("conf")
-
-
-def recipes_dir() -> Path:
-    return _shipped_dir("recipes")
 
 
 def groups() -> dict[str, list[str]]:
