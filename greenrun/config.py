@@ -5,9 +5,6 @@ The DictConfig stops in this module and cli.py: everything below them receives t
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +17,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from greenrun import data, storage
 from greenrun.ckpt.checkpoint import CheckpointConfig
-from greenrun.core import checks
+from greenrun.core import checks, fields
+from greenrun.core.fields import maths, plain
 from greenrun.core.shipped import conf_dir, recipes_dir
 from greenrun.data import DataConfig
 from greenrun.runtime import energy, spot
 from greenrun.runtime.energy import EnergyConfig
 from greenrun.runtime.spot import SpotConfig
 from greenrun.storage import StorageConfig
-from greenrun.train import activation_checkpointing, fp8, optimizer, precision, schedule
+from greenrun.train import activation_checkpointing, optimizer, precision, schedule
 from greenrun.train.activation_checkpointing import ActivationCheckpointingConfig
 from greenrun.train.model import ModelConfig
 from greenrun.train.optimizer import OptimizerConfig
@@ -47,26 +45,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 500  # optimizer steps in the whole run (schedules span all of them)
-    micro_batch_size: Any = 16  # sequences per forward/backward on each device, or auto (probe GPU memory)
-    global_batch_tokens: int = 0  # tokens per optimizer step for micro_batch_size=auto
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = micro x accum x world)
-    eval_interval: int = 100  # steps between validation evaluations (also at step 0 and the last step)
-    eval_batches: int = 8  # micro-batches per validation evaluation
-    log_interval: int = 10  # steps between metrics.jsonl lines and progress updates
-    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    seed: int = 1337  # seeds init, data order and dropout
-    device: str = "auto"  # auto | cpu | cuda
-    stop_at_step: int | None = None  # commit a checkpoint at this step and exit 0 (train in slices)
-    compile: bool | None = None  # torch.compile the model; None = on for CUDA
-    sample_tokens: int = 120  # tokens generated for the sample printed at the end (0 = none)
-    profile_every: int = 0  # run the torch profiler for profile_steps steps every N steps (0 = off)
-    profile_steps: int = 3  # steps per profiler window; traces land in RUN_DIR/profile/
+    max_steps: int = maths(600)  # optimizer steps in the whole run (schedules span all of them)
+    micro_batch_size: Any = maths(
+        32
+    )  # sequences per forward/backward on each device, or auto (probe GPU memory)
+    global_batch_tokens: int = maths(0)  # tokens per optimizer step for micro_batch_size=auto
+    grad_accum_steps: int = maths(
+        1
+    )  # micro-batches per optimizer step (global batch = micro x accum x world)
+    eval_interval: int = plain(100)  # steps between validation evaluations (also at step 0 and the last step)
+    eval_batches: int = plain(8)  # micro-batches per validation evaluation
+    log_interval: int = plain(10)  # steps between metrics.jsonl lines and progress updates
+    grad_clip: float = maths(1.0)  # max global gradient norm (0 = no clipping)
+    seed: int = maths(1337)  # seeds init, data order and dropout
+    device: str = plain("auto")  # auto | cpu | cuda
+    stop_at_step: int | None = plain(None)  # commit a checkpoint at this step and exit 0 (train in slices)
+    compile: bool | None = plain(None)  # torch.compile the model; None = on for CUDA
+    sample_tokens: int = plain(120)  # tokens generated for the sample printed at the end (0 = none)
+    profile_every: int = plain(0)  # run the torch profiler for profile_steps steps every N steps (0 = off)
+    profile_steps: int = plain(3)  # steps per profiler window; traces land in RUN_DIR/profile/
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # this run's output directory: config.yaml, metrics.jsonl, checkpoints/
+    # The one default not written here: `greenrun train` names a new directory after its start time.
+    dir: str = plain("runs/default")  # this run's output directory: config.yaml, metrics.jsonl, checkpoints/
 
 
 @dataclass
@@ -85,29 +88,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
-    preflight: bool = True  # run the two-step CPU smoke check before training
-    resume: str = "never"  # train: never | auto (continue run.dir from its newest valid checkpoint)
-    allow_config_change: bool = False  # resume: accept overrides that change the training math
-
-
-# Keys whose change alters what the optimizer computes: resume refuses them unless allow_config_change=true.
-MATH_KEYS = (
-    "model.",
-    "precision.name",
-    "optimizer.",
-    "schedule.",
-    "data.source",
-    "data.paths",
-    "data.max_chars",
-    "data.val_fraction",
-    "data.shard_tokens",
-    "trainer.max_steps",
-    "trainer.micro_batch_size",
-    "trainer.global_batch_tokens",
-    "trainer.grad_accum_steps",
-    "trainer.seed",
-    "trainer.grad_clip",
-)
+    preflight: bool = plain(True)  # run the two-step CPU smoke check before training
+    resume: str = plain("never")  # train: never | auto (continue run.dir from its newest valid checkpoint)
+    allow_config_change: bool = plain(False)  # resume: accept overrides that change the training math
 
 
 # --- where the YAML lives -------------------------------------------------------------------------
@@ -216,12 +199,10 @@ def validate(cfg: Config, check_device: bool = True) -> None:
     problems: list[str] = []
     problems += schedule.validate(cfg.schedule)
     problems += optimizer.validate(cfg.optimizer)
-    problems += (
-        _device_problems(cfg)
-        if check_device
-        else checks.choice("precision.name", cfg.precision.name, precision.PRECISIONS)
-    )
-    problems += fp8.validate(cfg.precision.fp8) if cfg.precision.name == "fp8" else []
+    precision_problems = precision.validate(cfg.precision)
+    problems += precision_problems
+    if check_device and not precision_problems:
+        problems += _device_problems(cfg)
     problems += energy.validate(cfg.energy)
     problems += activation_checkpointing.validate(cfg.activation_checkpointing, cfg.model.n_layer)
     problems += data.validate(cfg.data)
@@ -245,7 +226,7 @@ def _device_problems(cfg: Config) -> list[str]:
         ]
     if cfg.trainer.device not in ("auto", "cpu", "cuda"):
         return []  # reported by the trainer checks
-    return precision.device_problems(cfg.precision.name, resolve_device(cfg.trainer.device))
+    return precision.device_problems(cfg.precision, resolve_device(cfg.trainer.device))
 
 
 def _model_problems(m: ModelConfig) -> list[str]:
@@ -301,28 +282,20 @@ def _trainer_problems(cfg: Config) -> list[str]:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                out[prefix + f.name] = value
-
-    walk(cfg, "")
-    return out
+    return fields.flatten(cfg)
 
 
 def is_math_key(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MATH_KEYS)
+    """Whether the dotted key's field is declared with `maths(...)`: changing it changes the training."""
+    return key in _MATH_KEYS
+
+
+_MATH_KEYS = frozenset(fields.math_keys(Config()))
 
 
 def math_hash(cfg: Config) -> str:
     """Hash of what determines the training math; a resume with the same hash continues the same run."""
-    math = {k: v for k, v in flatten(cfg).items() if is_math_key(k)}
-    return hashlib.sha256(json.dumps(math, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fields.math_hash(cfg)
 
 
 def diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:

@@ -8,14 +8,19 @@ tokens); every committed checkpoint follows through the background uploader. `gr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 
 from greenrun import config, storage
-from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.ckpt.checkpoint import CheckpointError, read_manifest
 from greenrun.ckpt.remote import Remote, parse_run_url
+from greenrun.ckpt.retention import Retention
 from greenrun.ckpt.uploader import Uploader
 from greenrun.config import Config
+from greenrun.core.fs import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def run_key(cfg: Config) -> str:
@@ -30,7 +35,7 @@ def open_remote(cfg: Config, run_dir: Path) -> Remote | None:
     remote = Remote(storage.build(cfg.storage, run_dir), run_key(cfg))
     aborted = remote.storage.abort_stale_uploads(remote.run_key + "/")
     if aborted:
-        print(
+        log.info(
             f"aborted {aborted} unfinished multipart upload(s) a previous attempt left under {remote.run_key}/"
         )
     return remote
@@ -41,7 +46,7 @@ def start_mirror(remote: Remote | None, run_dir: Path, data_cache: Path, cfg: Co
         return None
     remote.put_run_file("config.yaml", run_dir / "config.yaml")
     remote.upload_data_cache(data_cache)
-    return Uploader(remote, keep_last=cfg.checkpoint.keep_last, keep_best=cfg.checkpoint.keep_best)
+    return Uploader(remote, Retention(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best))
 
 
 def restore(
@@ -54,7 +59,7 @@ def restore(
     """
     try:
         bucket, key = parse_run_url(url)
-    except ValueError as e:  # FIX: a bad URL ('s3://b/p/..') is a usage error (exit 2), not a crash (exit 1)
+    except ValueError as e:  # a bad URL ('s3://b/p/..') is a usage error (exit 2), not a crash (exit 1)
         raise config.ConfigError([str(e)]) from None
     storage_overrides = [o for o in overrides if o.startswith("storage.")]
     rest = [o for o in overrides if o not in storage_overrides]
@@ -79,20 +84,17 @@ def restore(
         storage=dataclasses.replace(probe.storage),
     )
     local_dir.mkdir(parents=True, exist_ok=True)
-    (local_dir / "config.yaml").write_text(config.to_yaml(saved))
+    atomic_write(local_dir / "config.yaml", config.to_yaml(saved))
     steps = remote.steps()
     if not steps:
         raise CheckpointError(f"{url}: no committed checkpoint to resume")
-    path = remote.fetch_latest_valid(local_dir / "checkpoints", warn=lambda m: print(f"greenrun: {m}"))
+    path = remote.fetch_latest_valid(local_dir / "checkpoints", warn=log.warning)
     if path is None:
         raise CheckpointError(f"{url}: no checkpoint verifies (all {len(steps)} failed their sha256 check)")
-    from greenrun.ckpt.checkpoint import read_manifest
-
     key16 = read_manifest(path).get("data_cache_key", "")[:16]
     if key16:
-        # FIX: download into the cache_dir the resumed run will read, i.e. after a data.cache_dir override
-        # (a fresh machine's path). It went to the saved path, so the run found no cache where it looked
-        # and rebuilt the tokens from this machine's corpus instead of training on the run's own.
+        # Into the cache_dir the resumed run will read, i.e. after a data.cache_dir override (a fresh
+        # machine's path): elsewhere the run would rebuild tokens from this machine's corpus instead.
         cache_dir = config.apply_overrides(saved, rest).data.cache_dir
         remote.download_data_cache(key16, Path(cache_dir).expanduser())
     return saved, local_dir, rest

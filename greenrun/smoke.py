@@ -22,7 +22,7 @@ from greenrun.config import Config
 from greenrun.core.output import Reporter
 from greenrun.data import DataError
 from greenrun.runtime import distributed
-from greenrun.train import activation_checkpointing, memory, model
+from greenrun.train import activation_checkpointing, memory, model, precision
 
 SMOKE_MICRO_BATCH = 2  # sequences per micro-batch on the CPU
 SMOKE_SEQ_LEN = 64  # tokens per sequence on the CPU
@@ -56,11 +56,10 @@ def available_ram() -> int:
 def smoke_config(cfg: Config, n_layer: int) -> Config:
     """The same config shrunk to two CPU steps: same widths, heads and vocabulary."""
     t = cfg.trainer
-    # fp8 kernels need a Hopper/Ada GPU; on the CPU the same graph runs in bf16 (fp8 swaps only the matmuls).
-    prec = dataclasses.replace(cfg.precision, name="bf16") if cfg.precision.name == "fp8" else cfg.precision
+    stand_in = precision.get(cfg.precision.name).cpu_stand_in  # for precisions whose kernels need a GPU
     return dataclasses.replace(
         cfg,
-        precision=prec,
+        precision=dataclasses.replace(cfg.precision, name=stand_in),
         model=dataclasses.replace(cfg.model, n_layer=n_layer, seq_len=min(cfg.model.seq_len, SMOKE_SEQ_LEN)),
         trainer=dataclasses.replace(
             t,
@@ -165,8 +164,9 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
     c = reporter.console
     status = "[bold green]PASS[/bold green]" if result.passed else "[bold red]FAIL[/bold red]"
     c.print(f"smoke {status} in {result.seconds:.1f} s: model={cfg.model.name}, {result.params:,} parameters")
-    if cfg.precision.name == "fp8":
-        c.print("  fp8 ran as bf16 on the CPU (float8 matmuls need a GPU with compute capability >= 8.9)")
+    stand_in = precision.get(cfg.precision.name).cpu_stand_in
+    if stand_in != cfg.precision.name:
+        c.print(f"  {cfg.precision.name} ran as {stand_in} on the CPU (its own kernels need a GPU)")
     if result.layers_run < cfg.model.n_layer:
         c.print(
             f"  depth-reduced to {result.layers_run} of {cfg.model.n_layer} blocks: the full fp32 training state "

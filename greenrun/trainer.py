@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import time
@@ -15,32 +16,49 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.nn.parallel import DistributedDataParallel
 
 from greenrun import data
 from greenrun.ckpt import checkpoint
-from greenrun.ckpt.pipeline import Persister
+from greenrun.ckpt.pipeline import Checkpointer
+from greenrun.ckpt.uploader import Uploader
 from greenrun.config import Config, math_hash
+from greenrun.core.fs import atomic_write
 from greenrun.core.output import Reporter
 from greenrun.runtime import distributed, energy, hardware, profiling
 from greenrun.runtime.spot import PreemptionWatcher
-from greenrun.train import activation_checkpointing, autobatch, fp8, model, optimizer, precision
+from greenrun.train import activation_checkpointing, model, optimizer, precision
 from greenrun.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
+    """Builds every part from a typed Config in __init__; train() runs the loop; close() in a finally.
+
+    `data` is the dataset to train on (built from cfg.data when None); `uploader` mirrors each committed
+    checkpoint (the writer's only). trainer.micro_batch_size must be a number: `auto` is resolved by
+    greenrun.job before a Trainer exists, so the probe sees an empty device.
+    """
+
     def __init__(
         self,
         cfg: Config,
         run_dir: Path,
-        reporter: Reporter | None = None,
+        *,
         dist: distributed.Dist | None = None,
-        uploader=None,  # uploader.Uploader: mirror each committed checkpoint (rank 0 only)
-        data_cache: Path | None = None,  # resume: the exact token cache the checkpoint was trained on
+        data_set: data.Dataset | None = None,
+        uploader: Uploader | None = None,
+        reporter: Reporter | None = None,
     ):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
+        if not isinstance(t.micro_batch_size, int):
+            raise ValueError(
+                f"trainer.micro_batch_size={t.micro_batch_size!r}: resolve `auto` first "
+                "(greenrun.job.resolve_micro_batch) or give a number"
+            )
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = dist or distributed.setup(t.device)
         self.device = self.dist.device
         self.reporter = reporter or Reporter(enabled=self.dist.is_main)
@@ -48,38 +66,34 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
 
-        if data_cache is not None and (data_cache / "meta.json").is_file():
-            self.data = data.Dataset(data_cache)
-        else:
-            self.data = data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
-        if t.micro_batch_size == "auto":
-            # Before the real model exists: the GPU is as empty as training will find it.
-            autobatch.resolve(cfg, self.device, self.dist.world_size, self.reporter.note)
+        self.data = data_set or data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+        self.precision = precision.get(cfg.precision.name)
         self.model = model.GPT(cfg.model).to(self.device)
         self.recompute = activation_checkpointing.apply(self.model, cfg.activation_checkpointing)
-        self.fp8_layers = fp8.apply(cfg.precision.fp8, self.model) if cfg.precision.name == "fp8" else []
+        self.prepared = self.precision.prepare(self.model, cfg.precision)  # e.g. the linears now in fp8
         self.optimizer = optimizer.build(cfg.optimizer, self.model)
-        self.scaler = precision.scaler(cfg.precision.name, self.device)
-        self.autocast = lambda: precision.autocast(cfg.precision.name, self.device)
+        self.scaler = self.precision.scaler(self.device)
+        self.autocast = lambda: self.precision.autocast(self.device)
 
         self.train_model: torch.nn.Module = self.model
-        # fp8 casts only pay off fused into the surrounding kernels, so fp8 always compiles.
-        if self.fp8_layers or (t.compile if t.compile is not None else self.device.type == "cuda"):
+        wants_compile = t.compile if t.compile is not None else self.device.type == "cuda"
+        if wants_compile or self.precision.must_compile(self.prepared):
             self.train_model = torch.compile(self.model)
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 
         self.step = 0
-        self.best_val = math.inf
         self.tokens_per_step = (
             t.micro_batch_size * cfg.model.seq_len * t.grad_accum_steps * self.dist.world_size
         )
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.persister = (
-            Persister(cfg.checkpoint, self.ckpt_root, uploader, note=self.reporter.note)
-            if self.dist.is_main
-            else None
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            self.run_dir / "checkpoints",
+            uploader=uploader if self.dist.is_main else None,
+            writer=self.dist.is_main,
+            agree=distributed.any_flag,
+            barrier=distributed.barrier,
         )
         self.energy = energy.EnergyMeter(cfg.energy)
         self.profiler = profiling.Windows(
@@ -87,14 +101,14 @@ class Trainer:
             t.profile_steps,
             self.run_dir / "profile",
             self.device,
-            self.reporter.note,
+            log.info,
         )
         self.flops_per_token = model.flops_per_token(cfg.model)
         self.peak_flops = hardware.peak_bf16_flops(self.device) * self.dist.world_size
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.first_val: float | None = None
         self.last_val: float | None = None
         self.upload_grace_s: float | None = None  # how long close() waits for uploads (None = until done)
-        self.first_val: float | None = None
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
@@ -148,21 +162,19 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        t, ck = self.cfg.trainer, self.cfg.checkpoint
+        t = self.cfg.trainer
         stop_at = t.stop_at_step or t.max_steps
         start_step, t0 = self.step, time.perf_counter()
-        window_t, window_step, last_save = t0, self.step, t0
+        window_t, window_step = t0, self.step
         preempted = ""
         if self.step == 0:
-            if (
-                self.dist.is_main
-            ):  # a fresh start: lines from an attempt killed before its first checkpoint go
+            if self.dist.is_main:  # a fresh start: lines of an attempt killed before its first checkpoint go
                 self.metrics_path.unlink(missing_ok=True)
             self._evaluate_and_log({"step": 0, "tokens": 0})
         self.reporter.start(total=t.max_steps, completed=self.step)
         self.energy.start()
         window_j = 0.0
-        with PreemptionWatcher(self.cfg.spot, on_abort=self.reporter.note) as watcher:
+        with PreemptionWatcher(self.cfg.spot, on_abort=log.warning) as watcher:
             while self.step < stop_at:
                 with self.profiler.step(self.step):
                     stats = self.train_step()
@@ -196,20 +208,18 @@ class Trainer:
                 if distributed.any_flag(watcher.requested):
                     self.reporter.stop()
                     preempted = watcher.reason or "preemption signal"
-                    self.reporter.note(f"{preempted}: writing an emergency checkpoint at step {self.step}")
-                    done = self.save_checkpoint(emergency=watcher.remaining_s)
+                    log.warning(f"{preempted}: writing an emergency checkpoint at step {self.step}")
+                    done = self.checkpointer.emergency(self.snapshot, watcher.remaining_s)
                     self.upload_grace_s = 0.0  # the deadline is spent: close() must not wait on uploads
                     watcher.finished()
-                    self.reporter.note(done)
+                    if done:
+                        log.warning(done)
                     break
-                due_steps = ck.interval and self.step % ck.interval == 0
-                due_time = ck.every_minutes > 0 and time.perf_counter() - last_save >= 60 * ck.every_minutes
-                if not last and distributed.any_flag(bool(due_steps or due_time)):
-                    self.save_checkpoint()
-                    last_save = time.perf_counter()
+                if not last:
+                    self.checkpointer.maybe_save(self.step, self.snapshot)
         self.reporter.stop()
         if not preempted:
-            self.save_checkpoint(wait=True)
+            self.checkpointer.save(self.snapshot, wait=True)
         wall = time.perf_counter() - t0
         trained_tokens = (self.step - start_step) * self.tokens_per_step
         joules = self.energy.read()
@@ -227,7 +237,7 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             "wall_s": wall,
             "tok_per_s": trained_tokens / max(wall, 1e-9),
-            "save_blocked_s": self.persister.blocked_s if self.persister else [],
+            "save_blocked_s": self.checkpointer.blocked_s,
         }
 
     def _evaluate_and_log(self, record: dict[str, Any]) -> None:
@@ -235,7 +245,6 @@ class Trainer:
         self.last_val = record["val_loss"]
         if self.first_val is None and record["step"] == 0:
             self.first_val = record["val_loss"]
-        self.best_val = min(self.best_val, record["val_loss"])
         self._log(record)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -255,7 +264,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "trainer": {
                 "step": self.step,
-                "best_val": self.best_val,
                 "first_val": self.first_val,
                 "scaler": self.scaler.state_dict(),
                 "rng": rng,
@@ -266,7 +274,6 @@ class Trainer:
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
         self.step = int(trainer_state["step"])
-        self.best_val = float(trainer_state["best_val"])
         self.first_val = trainer_state.get("first_val")
         if trainer_state["scaler"]:
             self.scaler.load_state_dict(trainer_state["scaler"])
@@ -293,17 +300,6 @@ class Trainer:
             },
         )
 
-    def save_checkpoint(self, wait: bool = False, emergency=None) -> str:
-        """Commit a checkpoint (rank 0 writes; the others wait). `emergency`: seconds-left callable."""
-        message = ""
-        if self.dist.is_main:
-            if emergency is not None:
-                message = self.persister.emergency(self.snapshot, emergency)
-            else:
-                self.persister.save(self.snapshot, wait=wait)
-        distributed.barrier()
-        return message
-
     def resume_from(self, path: Path) -> None:
         model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
         self.load_state_dict(model_state, optim_state, trainer_state)
@@ -324,12 +320,8 @@ class Trainer:
             / "export"
             / f"model-step-{self.step:08d}-{self.cfg.checkpoint.weights_dtype}.safetensors"
         )
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(
-            weights, str(tmp), metadata={"step": str(self.step), "dtype": self.cfg.checkpoint.weights_dtype}
-        )
-        tmp.replace(path)
+        metadata = {"step": str(self.step), "dtype": self.cfg.checkpoint.weights_dtype}
+        atomic_write(path, save(weights, metadata=metadata))
         return path
 
     def sample(self, prompt: str = "def ") -> str:
@@ -345,8 +337,7 @@ class Trainer:
 
     def close(self) -> None:
         self.reporter.stop()
-        if self.persister is not None:
-            self.persister.close(upload_timeout=self.upload_grace_s)
+        self.checkpointer.close(upload_timeout=self.upload_grace_s)
         distributed.teardown()
 
 
@@ -355,6 +346,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(line + "\n" for line in kept))

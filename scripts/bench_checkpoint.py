@@ -3,7 +3,7 @@
     python3 scripts/bench_checkpoint.py --out docs/bench/<date>_checkpoint/checkpoint.json
 
 (a) GPT-2 124M (`model.GPT(preset("gpt2"))`) with AdamW state from one optimizer step on a tiny batch, saved
-    through `persist.Persister.save` the way the trainer saves: the loop blocks only for the snapshot (a CPU copy
+    through `pipeline.Checkpointer.save` the way the trainer saves: the loop blocks only for the snapshot (a CPU copy
     of model + optimizer + trainer state); checkpoint.write (safetensors + torch.save + sha256 + fsync + rename)
     runs on the background thread. Each save waits for the previous commit first, so the stall measured is the
     snapshot alone.
@@ -40,10 +40,12 @@ import torch
 
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointConfig, Snapshot
-from greenrun.ckpt.pipeline import Persister
+from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.remote import Remote
 from greenrun.storage import S3Storage, StorageConfig
 from greenrun.train import model, optimizer
+
+log = logging.getLogger("bench_checkpoint")
 
 GB = 1e9
 # The tiny default model (conf/model/tiny.yaml) on a 200k-character slice of the bundled corpus.
@@ -91,7 +93,14 @@ def snapshot_fn(m: torch.nn.Module, opt: torch.optim.Optimizer, step: int):
 def bench_saves(work: Path, saves: int) -> tuple[dict, list[Path]]:
     m, opt = gpt2_with_adamw_state()
     notes: list[str] = []
-    persister = Persister(CheckpointConfig(keep_last=saves), work / "checkpoints", note=notes.append)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    logging.getLogger("greenrun.ckpt.pipeline").addHandler(Collect())
+    logging.getLogger("greenrun.ckpt.pipeline").setLevel(logging.INFO)
+    persister = Checkpointer(CheckpointConfig(keep_last=saves), work / "checkpoints")
     blocked, commit = [], []
     for step in range(1, saves + 1):
         persister.save(snapshot_fn(m, opt, step))
@@ -102,9 +111,7 @@ def bench_saves(work: Path, saves: int) -> tuple[dict, list[Path]]:
             for x in re.findall(rf"checkpoint step {step} committed locally in ([\d.]+) s", " ".join(notes))
         ]
         commit.append(seconds)
-        print(
-            f"  save {step}: loop blocked {blocked[-1]:.3f} s, background commit {seconds:.2f} s", flush=True
-        )
+        log.info(f"  save {step}: loop blocked {blocked[-1]:.3f} s, background commit {seconds:.2f} s")
     persister.close()
     dirs = checkpoint.committed(work / "checkpoints")[::-1]
     files = {name: (dirs[0] / name).stat().st_size for name in checkpoint.FILES}
@@ -142,13 +149,11 @@ def bench_upload(dirs: list[Path], endpoint: str, work: Path) -> dict:
         result = remote.upload_checkpoint(d)
         assert result.committed, result.note
         up.append({"step": result.step, "bytes": result.bytes, "s": result.seconds})
-        print(
-            f"  upload step {result.step}: {result.bytes / GB:.2f} GB in {result.seconds:.1f} s", flush=True
-        )
+        log.info(f"  upload step {result.step}: {result.bytes / GB:.2f} GB in {result.seconds:.1f} s")
         t0 = time.perf_counter()
         fetched = remote.fetch(result.step, work / "fetched")  # download + sha256 verify
         down.append({"step": result.step, "bytes": result.bytes, "s": time.perf_counter() - t0})
-        print(f"  fetch  step {result.step}: {down[-1]['s']:.1f} s (verified)", flush=True)
+        log.info(f"  fetch  step {result.step}: {down[-1]['s']:.1f} s (verified)")
         shutil.rmtree(fetched)
     return {
         "part_size_mb": StorageConfig().part_size_mb,
@@ -176,8 +181,8 @@ def sigterm_trial(work: Path, extra: list[str], env: dict, tag: str) -> dict:
     run_dir = work / f"sigterm-{tag}"
     cmd = [sys.executable, "-m", "greenrun", "train", *TINY_TRAIN, "trainer.max_steps=100000"]
     cmd += ["checkpoint.interval=0", f"data.cache_dir={work / 'cache'}", f"run.dir={run_dir}", *extra]
-    with open(work / f"{tag}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(work / f"{tag}.log", "w") as output:
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 600
         while _metrics_step(run_dir) < 5:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -215,9 +220,9 @@ def bench_sigterm(work: Path, trials: int, endpoint: str | None) -> dict:
         rows = []
         for i in range(trials):
             rows.append(sigterm_trial(work, extra, env, f"{name}-{i}"))
-            print(
-                f"  {name} trial {i}: manifest {rows[-1]['to_manifest_s']:.3f} s, exit 75 {rows[-1]['to_exit_75_s']:.3f} s",
-                flush=True,
+            row = rows[-1]
+            log.info(
+                f"  {name} trial {i}: manifest {row['to_manifest_s']:.3f} s, exit 75 {row['to_exit_75_s']:.3f} s"
             )
         out[name] = {
             "trials": rows,
@@ -259,6 +264,7 @@ def main() -> int:
         "--workdir", help="scratch directory (default: a temp dir, removed at the end); needs ~6 GB"
     )
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
     # Only a local moto server is ever contacted: fake credentials, nothing from the user's AWS setup.
     for name in [k for k in os.environ if k.startswith("AWS_")]:
@@ -270,13 +276,13 @@ def main() -> int:
     server = None
     try:
         results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(scratch)}
-        print("(a) GPT-2 124M saves through Persister.save", flush=True)
+        log.info("(a) GPT-2 124M saves through Checkpointer.save")
         results["save"], dirs = bench_saves(scratch / "saves", args.saves)
         server, endpoint = start_moto()
-        print(f"(b) upload to moto at {endpoint} through Remote.upload_checkpoint", flush=True)
+        log.info(f"(b) upload to moto at {endpoint} through Remote.upload_checkpoint")
         results["upload"] = bench_upload(dirs, endpoint, scratch)
         shutil.rmtree(scratch / "saves")
-        print("(c) SIGTERM -> committed checkpoint, tiny model, `greenrun train` subprocess", flush=True)
+        log.info("(c) SIGTERM -> committed checkpoint, tiny model, `greenrun train` subprocess")
         results["sigterm"] = bench_sigterm(scratch, args.trials, endpoint)
     finally:
         if server is not None:
@@ -287,12 +293,13 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print_table(results)
-    print(f"\nJSON: {out}")
+    log.info(table(results))
+    log.info("\nJSON: %s", out)
     return 0
 
 
-def print_table(r: dict) -> None:
+def table(r: dict) -> str:
+    """The headline numbers as an aligned two-column text table."""
     s, u, m = r["save"], r["upload"], r["machine"]
     rows = [
         (
@@ -325,11 +332,12 @@ def print_table(r: dict) -> None:
             )
         )
     width = max(len(k) for k, _ in rows)
-    print(f"\nmachine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['platform']}")
-    print(f"{'measure':<{width}}  value")
-    print(f"{'-' * width}  {'-' * 40}")
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    lines = [
+        f"\nmachine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['platform']}",
+        f"{'measure':<{width}}  value",
+        f"{'-' * width}  {'-' * 40}",
+    ]
+    return "\n".join(lines + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger("bench_gpu")
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL = {"micro": 16, "accum": 4, "seq": 1024}
@@ -104,9 +107,10 @@ def greenrun_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from greenrun import config
+    from greenrun.core.shipped import conf_dir
 
     config.register()
-    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base=None):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         base = [
             "model=gpt2",
             f"trainer.micro_batch_size={GLOBAL['micro']}",
@@ -159,6 +163,7 @@ def run_hf(opts: dict) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from greenrun.train import model as gmodel
+    from greenrun.train import precision
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the plain fp32 path a user gets without toggles
     torch.backends.cudnn.allow_tf32 = False
@@ -166,13 +171,13 @@ def run_hf(opts: dict) -> dict:
     net = GPT2LMHeadModel(GPT2Config(n_positions=GLOBAL["seq"])).cuda()
     opt = torch.optim.AdamW(net.parameters(), lr=6e-4, weight_decay=0.1)
     run = torch.compile(net) if opts["compile"] else net
-    dtype = torch.bfloat16 if opts["precision"] == "bf16" else None
+    autocast = precision.get(opts["precision"]).autocast
     micro, accum, seq = GLOBAL["micro"], GLOBAL["accum"], GLOBAL["seq"]
 
     def step() -> None:
         for _ in range(accum):
             x = torch.randint(0, 50257, (micro, seq), device="cuda")
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            with autocast(torch.device("cuda")):
                 loss = run(input_ids=x, labels=x).loss / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -201,7 +206,7 @@ def run_greenrun(overrides: list[str]) -> dict:
     est = memory.estimate(cfg.model, t.micro_batch_size, cfg.model.seq_len, cfg.precision.name, plan)
     out.update(
         predicted_mem_gib=est.total / 2**30,
-        fp8_layers=len(trainer.fp8_layers),
+        fp8_layers=len(trainer.prepared),  # the layers the precision converted (fp8: wide linears)
         micro=t.micro_batch_size,
         accum=t.grad_accum_steps,
         params=sum(p.numel() for p in trainer.model.parameters()),
@@ -246,7 +251,7 @@ def run_auto() -> dict:
         ["precision=bf16", "trainer.micro_batch_size=auto", "trainer.global_batch_tokens=524288"]
     )
     t0 = time.perf_counter()
-    choice = autobatch.resolve(cfg, torch.device("cuda"), 1, print)
+    choice = autobatch.resolve(cfg, torch.device("cuda"), 1, log.info)
     seconds = time.perf_counter() - t0
     del distributed
     return {
@@ -304,6 +309,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=560)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.row:  # child process
         result = child(args.row)
         Path(args.out).write_text(json.dumps(result))
@@ -360,7 +366,7 @@ def main() -> None:
                 "error",
             )
         }
-        print(name, brief, flush=True)
+        log.info("%s %s", name, brief)
     Path(args.out).write_text(json.dumps(info, indent=1))
 
 

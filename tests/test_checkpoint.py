@@ -58,7 +58,7 @@ def test_truncated_file_detected(tmp_path):
     assert "size" in checkpoint.verify(path)
 
 
-def test_pickled_code_is_refused(tmp_path):
+def test_pickled_code_is_refused(tmp_path, capfd):
     """A planted pickle that would run code when unpickled must be refused, manifest or not."""
     path = checkpoint.write(snapshot(4), tmp_path)
 
@@ -75,6 +75,7 @@ def test_pickled_code_is_refused(tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CheckpointError, match="refused"):
         checkpoint.load(path)
+    assert "pwned" not in capfd.readouterr().out, "the planted pickle ran"
 
 
 def test_prune_keeps_newest_and_never_the_protected(tmp_path):
@@ -99,7 +100,10 @@ def test_rewrite_of_committed_step_keeps_the_committed_one(tmp_path):
     first = checkpoint.write(snapshot(7, 1.0), tmp_path)
     again = checkpoint.write(snapshot(7, 9.0), tmp_path)
     assert again == first
-    assert torch.equal(checkpoint.load(first)[0]["b"], torch.zeros(3))
+    # The two snapshots differ only in the weight value (1.0 vs 9.0); "b" is zeros in both.
+    model = checkpoint.load(first)[0]
+    assert torch.equal(model["wte.weight"], torch.full((4, 3), 1.0))
+    assert torch.equal(model["b"], torch.zeros(3))
 
 
 def test_clean_stale_removes_only_temp_dirs(tmp_path):

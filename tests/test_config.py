@@ -1,8 +1,11 @@
 """Every group option and every recipe composes into a valid typed config; bad input is reported together."""
 
+import os
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from greenrun import config
 
@@ -23,6 +26,41 @@ def typed(overrides):
     return cfg
 
 
+def choices(overrides):
+    """The option Hydra picked for each config group, e.g. {"precision": "bf16", ...}."""
+    return dict(
+        compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra.runtime.choices
+    )
+
+
+def yaml_sets(path):
+    """(dotted key, value) for every value a shipped YAML file sets, its defaults list aside."""
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif key != "defaults" or prefix:
+                yield f"{prefix}{key}", value
+
+    return list(walk(OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}, ""))
+
+
+def value_at(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def assert_applied(cfg, sets, prefix, extra):
+    """Every value the YAML sets arrived in the typed config (except required ??? and command-line ones)."""
+    for key, want in sets:
+        full = f"{prefix}{key}"
+        if want == "???" or any(e.startswith(f"{full}=") for e in extra):
+            continue
+        assert value_at(cfg, full) == want, f"{full}: {value_at(cfg, full)!r}, the YAML sets {want!r}"
+
+
 def test_device_checks_refuse_gpu_settings_on_a_cpu():
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -40,14 +78,30 @@ def test_every_option_composes(group, option):
     extra = ["storage.bucket=b"] if (group, option) == ("storage", "s3") else []
     extra += ["data.paths=[x.txt]"] if (group, option) == ("data", "text") else []
     cfg = typed([f"{group}={option}", *extra])
-    assert cfg is not None
+    sets = yaml_sets(config.conf_dir() / group / f"{option}.yaml")
+    assert_applied(cfg, sets, f"{group}.", extra)
+    # Not the default option: it must change something, or `group=option` could be ignored unnoticed.
+    default = choices([])[group]
+    if option != default and not (group == "precision" and os.environ.get("GREENRUN_PRECISION") == option):
+        before = typed([])
+        assert any(value_at(before, f"{group}.{k}") != v for k, v in sets if v != "???"), (
+            f"{group}={option} composes the same {group} values as the default {group}={default}"
+        )
 
 
 @pytest.mark.parametrize("recipe", config.groups()["recipe"])
 def test_every_recipe_composes_and_says_how_to_run_it(recipe):
-    first = (config.recipes_dir() / f"{recipe}.yaml").read_text().splitlines()[0]
+    path = config.recipes_dir() / f"{recipe}.yaml"
+    first = path.read_text().splitlines()[0]
     assert first == f"# Run: greenrun train +recipe={recipe}"
-    typed([f"+recipe={recipe}"])
+    cfg = typed([f"+recipe={recipe}"])
+    # Its keys (package _global_) and its `override /group: option` defaults both take effect.
+    assert_applied(cfg, yaml_sets(path), "", [])
+    picked = choices([f"+recipe={recipe}"])
+    for entry in OmegaConf.load(path).get("defaults", []):
+        for key, option in entry.items():
+            group = key.removeprefix("override ").strip("/")
+            assert picked[group] == option, f"{recipe}: {group}={picked[group]}, the recipe picks {option}"
 
 
 def test_bf16_ckpt_recipe_sets_both_levers():
@@ -94,6 +148,9 @@ def test_semantic_problems_are_collected():
     cfg.checkpoint.keep_last = 0
     with pytest.raises(config.ConfigError) as e:
         config.validate(cfg)
+    text = "\n".join(e.value.problems)
+    # All three reported at once, each naming its key.
+    assert "model.n_head" in text and "trainer.max_steps" in text and "checkpoint.keep_last" in text
     assert len(e.value.problems) >= 3
 
 

@@ -7,6 +7,8 @@ import hashlib
 import inspect
 import json
 import math
+import re
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from greenrun import data
-from greenrun.data import DataConfig, DataError, build
+from greenrun.data import DataConfig, DataError, build, cache, sources
 
 
 def _write_corpus(root: Path, n_files: int = 3, lines: int = 300, salt: str = "") -> Path:
@@ -40,13 +42,13 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> data.Dataset:
 
 def _count_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = data._train_tokenizer
+    real = cache._train_tokenizer
 
     def counting(texts, vocab_size):
         calls.append(vocab_size)
         return real(texts, vocab_size)
 
-    monkeypatch.setattr(data, "_train_tokenizer", counting)
+    monkeypatch.setattr(cache, "_train_tokenizer", counting)
     return calls
 
 
@@ -104,8 +106,8 @@ def test_windows_never_cross_a_shard_end_and_shards_hold_the_whole_stream(ds: da
 def test_long_documents_are_encoded_in_pieces_without_losing_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "_PIECE_CHARS", 500)  # forces every document into many pieces
-    monkeypatch.setattr(data, "_BATCH_CHARS", 1_200)
+    monkeypatch.setattr(cache, "_PIECE_CHARS", 500)  # forces every document into many pieces
+    monkeypatch.setattr(cache, "_BATCH_CHARS", 1_200)
     corpus = _write_corpus(tmp_path / "corpus", n_files=2, lines=120)
     ds = build(_cfg(tmp_path, corpus, max_chars=6_000), 300)
     stream = np.concatenate([np.asarray(s) for s in ds.shards["train"] + ds.shards["val"]])
@@ -134,7 +136,7 @@ def test_second_build_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.Monke
     def no_training(*_):
         raise AssertionError("the tokenizer was retrained although the cache is complete")
 
-    monkeypatch.setattr(data, "_train_tokenizer", no_training)
+    monkeypatch.setattr(cache, "_train_tokenizer", no_training)
     second = build(cfg, 300)
     assert (second.cache_key, second.cache_path) == (first.cache_key, first.cache_path)
     assert (second.cache_path / "train-00000.bin").stat().st_mtime_ns == mtime
@@ -176,20 +178,20 @@ def test_crash_mid_build_leaves_nothing_that_looks_complete(
     def crash(*_):
         raise RuntimeError("simulated crash while encoding")
 
-    real = data._encode_stream
-    monkeypatch.setattr(data, "_encode_stream", crash)
+    real = cache._encode_stream
+    monkeypatch.setattr(cache, "_encode_stream", crash)
     with pytest.raises(RuntimeError):
         build(cfg, 300)
-    cache = tmp_path / "cache"
-    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
-    monkeypatch.setattr(data, "_encode_stream", real)
+    cache_dir = tmp_path / "cache"
+    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(cache, "_encode_stream", real)
     assert build(cfg, 300).train_tokens > 0
 
 
 @pytest.mark.parametrize("locked", [True, False], ids=["with-lock", "lock-free-rename-race"])
 def test_concurrent_builders_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locked: bool) -> None:
     if not locked:  # e.g. a shared filesystem where flock does nothing: the atomic rename must still hold
-        monkeypatch.setattr(data, "_lock", lambda _path: contextlib.nullcontext())
+        monkeypatch.setattr(cache, "_lock", lambda _path: contextlib.nullcontext())
     cfg = _cfg(tmp_path, _write_corpus(tmp_path / "corpus"))
     results: list = [None] * 4
     start = threading.Barrier(4)
@@ -272,9 +274,9 @@ def test_globs_expand_home_recurse_and_deduplicate(tmp_path: Path, monkeypatch: 
     (tmp_path / "notes" / "empty.txt").write_text("")  # skipped: others have text
     paths = ["~/notes/**/*.txt", str(tmp_path / "notes" / "top.txt")]
     ds = build(_cfg(tmp_path, tmp_path, paths=paths, val_fraction=0.2), 300)
-    sources = ds.meta["sources"]
-    assert sources["documents"] == 3  # top.txt matched twice, counted once
-    assert (sources["first"], sources["last"]) == ("deep/er/doc0.txt", "top.txt")
+    summary = ds.meta["sources"]
+    assert summary["documents"] == 3  # top.txt matched twice, counted once
+    assert (summary["first"], summary["last"]) == ("deep/er/doc0.txt", "top.txt")
 
 
 # --- the bundled corpus ----------------------------------------------------------------------------
@@ -282,15 +284,69 @@ def test_globs_expand_home_recurse_and_deduplicate(tmp_path: Path, monkeypatch: 
 
 def test_stdlib_corpus_round_trips_python_source(tmp_path: Path) -> None:
     ds = build(DataConfig(cache_dir=str(tmp_path), max_chars=300_000), 512, seq_len=128)
-    sources = ds.meta["sources"]
-    assert sources["source"] == "stdlib" and sources["chars"] == 300_000
+    summary = ds.meta["sources"]
+    assert summary["source"] == "stdlib" and summary["chars"] == 300_000
     # Documents come in sha256(path) order: a sample of the whole library, not its alphabetical start.
-    first = min(data._stdlib_docs(), key=lambda d: hashlib.sha256(d.rel.encode()).hexdigest())
-    assert sources["first"] == first.rel
+    first = min(data.documents(DataConfig()), key=lambda d: hashlib.sha256(d.rel.encode()).hexdigest())
+    assert summary["first"] == first.rel
     assert ds.vocab_size == 512 and ds.eot_id == ds.encode(data.EOT)[0] == 0
-    text = inspect.getsource(data) + "# ünïcödé ✓ and a tab\t\r\n"
+    text = inspect.getsource(cache) + "# ünïcödé ✓ and a tab\t\r\n"
     ids = ds.encode(text)
     assert len(ids) < 0.7 * len(text.encode())  # merges learned from Python source
     assert ds.decode(ids) == text
     x, _ = ds.batch("val", 0, 0, 0, 4, 128, 0)
     assert x.max().item() < ds.vocab_size
+
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# What generator tools write at the top of the files they produce (token.py, keyword.py, pydoc_data/topics.py).
+MARKER = re.compile(r"auto-?generated|automatically generated|do not edit", re.I)
+
+
+def test_stdlib_corpus_leaves_out_codecs_and_generated_files() -> None:
+    docs = data.documents(DataConfig())
+    rels = {d.rel for d in docs}
+    assert rels and all(d.path == STDLIB / d.rel for d in docs)
+    assert not [r for r in rels if r.startswith("encodings/")], "codec tables are not hand-written Python"
+    marked = {
+        p.relative_to(STDLIB).as_posix()
+        for p in STDLIB.glob("**/*.py")
+        if MARKER.search("\n".join(p.read_text("utf-8", errors="replace").splitlines()[:10]))
+    }
+    assert {"token.py", "keyword.py"} <= marked  # the marker test itself finds what it should
+    assert not rels & marked, sorted(rels & marked)
+    assert {"os.py", "json/decoder.py", "collections/__init__.py"} <= rels  # ordinary modules stay
+    hashes = [hashlib.sha256(d.rel.encode()).hexdigest() for d in docs]
+    assert hashes == sorted(hashes)
+
+
+@pytest.mark.parametrize(
+    ("text", "generated"),
+    [
+        ("# Auto-generated by Tools/scripts/generate_token.py\nENDMARKER = 0\n", True),
+        ('"""Keywords\n\nThis file is automatically generated; please leave it alone!\n"""\n', True),
+        ("# system configuration generated and used by the sysconfig module\nbuild_time_vars = {}\n", True),
+        ("table = {\n" + "".join(f"    'name{i}': 0x{i:04x},  # {i}\n" for i in range(200)) + "}\n", True),
+        ("data = [" + ", ".join(str(i) for i in range(2000)) + "]\n", True),
+        ('"""An AST can be generated by passing ast.PyCF_ONLY_AST to compile()."""\n\nimport sys\n', False),
+        ("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(200)), False),
+        (
+            "MAP = {\n"
+            + "".join(f"    'k{i}': 'v{i}',\n" for i in range(20))
+            + "}\n\ndef get(k):\n    return MAP[k]\n",
+            False,
+        ),
+    ],
+    ids=[
+        "marker",
+        "docstring-marker",
+        "comment-marker",
+        "table",
+        "long-line",
+        "docstring-prose",
+        "code",
+        "short-map",
+    ],
+)
+def test_is_generated(text: str, generated: bool) -> None:
+    assert sources.is_generated(text) is generated

@@ -253,3 +253,48 @@ def test_close_freezes_the_reading_and_start_begins_afresh(monkeypatch):
 def test_read_before_start_is_a_bug():
     with pytest.raises(RuntimeError, match="before start"):
         EnergyMeter(EnergyConfig(), gpus=[]).read()
+
+
+# --- energy.sensor ---
+
+
+def test_sensor_none_reports_unknown_even_with_nvml_and_cpu_watts(monkeypatch):
+    nvml = fake_pynvml(monkeypatch, energy_mj=[1000])
+    with EnergyMeter(EnergyConfig(sensor="none", cpu_watts=50.0), gpus=[0]) as meter:
+        nvml.energy_mj[0] += 5000
+        assert meter.method == "none" and not meter.available and meter.read() is None
+    assert nvml.calls == []  # NVML was never asked
+
+
+def test_sensor_cpu_watts_ignores_a_working_nvml(monkeypatch):
+    nvml = fake_pynvml(monkeypatch, energy_mj=[0])
+    clock = FakeClock()
+    with EnergyMeter(EnergyConfig(sensor="cpu_watts", cpu_watts=20.0), gpus=[0], clock=clock) as meter:
+        nvml.energy_mj[0] += 999_000
+        clock.t += 3.0
+        assert meter.method == "cpu_watts" and not meter.available and meter.read() == 60.0
+    assert nvml.calls == []
+
+
+def test_sensor_nvml_does_not_fall_back_to_cpu_watts(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with EnergyMeter(EnergyConfig(sensor="nvml", cpu_watts=50.0), gpus=[0]) as meter:
+        assert meter.method == "none" and meter.read() is None
+
+
+@pytest.mark.parametrize("sensor", ["auto", "nvml"])
+def test_sensors_that_read_nvml_pick_the_counter_then_sampling(monkeypatch, sensor):
+    fake_pynvml(monkeypatch, energy_mj=[0])
+    with EnergyMeter(EnergyConfig(sensor=sensor, cpu_watts=50.0), gpus=[0]) as meter:
+        assert meter.method == "counter" and meter.available
+    fake_pynvml(monkeypatch, power_mw=100_000, counter_supported=False)
+    with EnergyMeter(EnergyConfig(sensor=sensor, cpu_watts=50.0), gpus=[0], sample_s=0.01) as meter:
+        assert meter.method == "sampling" and meter.available
+
+
+def test_sensor_validation():
+    assert energy.validate(EnergyConfig(sensor="cpu_watts", cpu_watts=30.0)) == []
+    problems = energy.validate(EnergyConfig(sensor="cpu_watts"))
+    assert len(problems) == 1 and "energy.cpu_watts" in problems[0]
+    problems = energy.validate(EnergyConfig(sensor="nvm"))
+    assert len(problems) == 1 and "energy.sensor: unknown value 'nvm' (did you mean nvml?)" in problems[0]

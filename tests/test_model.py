@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from greenrun.core.shipped import load_option, option_names
 from greenrun.train.model import (
     GPT,
-    PRESETS,
     ModelConfig,
     count_params,
     flops_per_token,
@@ -33,9 +33,24 @@ def batch(cfg: ModelConfig, B: int = 2, T: int | None = None, seed: int = 1):
 
 def test_config_defaults_are_tiny_preset():
     cfg = ModelConfig()
-    assert (cfg.name, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len) == ("tiny", 4, 4, 128, 256)
+    assert (cfg.name, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len) == ("tiny", 4, 4, 128, 128)
     assert (cfg.vocab_size, cfg.dropout, cfg.bias, cfg.loss_chunk) == (4096, 0.0, True, 0)
     assert preset("tiny") == cfg
+
+
+@pytest.mark.parametrize("name", option_names("model"))
+def test_preset_is_its_yaml_file(name):
+    cfg = preset(name)
+    assert cfg.name == name
+    for key, value in load_option("model", name).items():
+        assert getattr(cfg, key) == value, key
+
+
+def test_preset_overrides_and_unknown_names():
+    cfg = preset("gpt2", loss_chunk=4096, seq_len=512)
+    assert (cfg.n_layer, cfg.n_embd, cfg.loss_chunk, cfg.seq_len) == (12, 768, 4096, 512)
+    with pytest.raises(KeyError, match="gpt2-medium"):  # the message lists the valid presets
+        preset("gpt3")
 
 
 def test_padded_vocab():
@@ -144,7 +159,7 @@ def test_chunked_loss_under_bf16_autocast_is_close_to_plain():
 
 
 def test_num_params_and_count_params_agree():
-    for name in PRESETS:
+    for name in option_names("model"):
         cfg = preset(name)
         with torch.device("meta"):
             model = GPT(cfg)

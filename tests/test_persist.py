@@ -1,13 +1,15 @@
 """The save pipeline: training blocks only for the snapshot; commits, pruning and uploads happen behind it."""
 
+import logging
 import threading
 import time
 
+import pytest
 import torch
 
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointConfig
-from greenrun.ckpt.pipeline import Persister
+from greenrun.ckpt.pipeline import Checkpointer
 
 
 def snap(step: int, val: float | None = None) -> checkpoint.Snapshot:
@@ -39,7 +41,7 @@ class SlowUploader:
 
 
 def test_save_commits_in_background_and_prunes(tmp_path):
-    p = Persister(CheckpointConfig(keep_last=2), tmp_path, note=lambda _: None)
+    p = Checkpointer(CheckpointConfig(keep_last=2), tmp_path)
     for step in (1, 2, 3):
         p.save(lambda s=step: snap(s))
     p.close()
@@ -48,7 +50,7 @@ def test_save_commits_in_background_and_prunes(tmp_path):
 
 
 def test_keep_best_survives_pruning(tmp_path):
-    p = Persister(CheckpointConfig(keep_last=1, keep_best=1), tmp_path, note=lambda _: None)
+    p = Checkpointer(CheckpointConfig(keep_last=1, keep_best=1), tmp_path)
     for step, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)):
         p.save(lambda s=step, v=val: snap(s, v))
     p.close()
@@ -56,24 +58,20 @@ def test_keep_best_survives_pruning(tmp_path):
 
 
 def test_write_errors_surface_on_the_training_thread(tmp_path, monkeypatch):
-    p = Persister(CheckpointConfig(), tmp_path, note=lambda _: None)
+    p = Checkpointer(CheckpointConfig(), tmp_path)
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "write", boom)
     p.save(lambda: snap(1))
-    try:
+    with pytest.raises(OSError, match="disk full"):  # not swallowed by the background thread
         p.save(lambda: snap(2))
-    except OSError as e:
-        assert "disk full" in str(e)
-    else:
-        raise AssertionError("the background write error was swallowed")
 
 
 def test_emergency_commits_and_reports_a_late_upload(tmp_path):
     up = SlowUploader(delay=10)
-    p = Persister(CheckpointConfig(), tmp_path, uploader=up, note=lambda _: None)
+    p = Checkpointer(CheckpointConfig(), tmp_path, uploader=up)
     t0 = time.perf_counter()
     msg = p.emergency(lambda: snap(7), seconds_left=lambda: 2.5)
     assert time.perf_counter() - t0 < 2.0
@@ -81,11 +79,55 @@ def test_emergency_commits_and_reports_a_late_upload(tmp_path):
     assert up.submitted == ["step-00000007"]
     assert "not committed remotely" in msg
     up.done.set()
-    assert "uploaded" in p.emergency(lambda: snap(8), seconds_left=lambda: 5.0)
+    msg = p.emergency(lambda: snap(8), seconds_left=lambda: 5.0)
+    assert "uploaded" in msg and "not committed" not in msg
 
 
-def test_stale_temp_dirs_are_cleaned_on_start(tmp_path):
+def test_stale_temp_dirs_are_cleaned_on_start(tmp_path, caplog):
     (tmp_path / ".tmp-step-00000003-dead").mkdir(parents=True)
-    notes = []
-    Persister(CheckpointConfig(), tmp_path, note=notes.append)
-    assert not (tmp_path / ".tmp-step-00000003-dead").exists() and notes
+    with caplog.at_level(logging.INFO, logger="greenrun.ckpt.pipeline"):
+        Checkpointer(CheckpointConfig(), tmp_path)
+    assert not (tmp_path / ".tmp-step-00000003-dead").exists()
+    assert "removed 1 unfinished checkpoint temp dir" in caplog.text
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_checkpointer_decides_when_to_save_by_steps(tmp_path):
+    p = Checkpointer(CheckpointConfig(interval=3), tmp_path)
+    saved = [step for step in range(1, 10) if p.maybe_save(step, lambda s=step: snap(s))]
+    p.close()
+    assert saved == [3, 6, 9]
+    assert [d.name for d in checkpoint.committed(tmp_path)] == ["step-00000009", "step-00000006"]
+
+
+def test_the_checkpointer_decides_when_to_save_by_wall_clock(tmp_path):
+    clock = Clock()
+    p = Checkpointer(CheckpointConfig(interval=0, every_minutes=2.0), tmp_path, clock=clock)
+    saved = []
+    for step in range(1, 8):
+        clock.now += 50.0  # 50 s per step: a save is due every 120 s since the last one
+        if p.maybe_save(step, lambda s=step: snap(s)):
+            saved.append(step)
+    p.close()
+    assert saved == [3, 6]
+
+
+def test_every_rank_saves_when_any_rank_finds_a_save_due(tmp_path):
+    """`agree` stands for the all-reduce: a rank whose own view says no still joins the save."""
+    asked = []
+
+    def agree(due: bool) -> bool:
+        asked.append(due)
+        return True
+
+    follower = Checkpointer(CheckpointConfig(interval=100), tmp_path, writer=False, agree=agree)
+    assert follower.maybe_save(5, lambda: pytest.fail("a non-writer rank must not snapshot")) is True
+    assert asked == [False]
+    assert checkpoint.committed(tmp_path) == [] and follower.blocked_s == []

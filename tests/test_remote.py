@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from greenrun.ckpt import checkpoint, remote
+from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointError
 from greenrun.ckpt.remote import Remote, parse_run_url
 from greenrun.ckpt.uploader import Uploader
 from greenrun.storage import LocalStorage, ObjectNotFound, S3Storage, Storage, StorageConfig, StorageError
+from greenrun.storage import s3 as s3_backend
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite its asserts
     from tests.s3_fixtures import S3Bucket
@@ -344,7 +345,7 @@ def test_archive_moves_only_old_checkpoints(
     assert rem.archive(older_than_days=7, now=later) == []  # idempotent
     assert checkpoint.verify(rem.fetch(1, tmp_path / "dst")) is None  # GLACIER_IR reads like any object
 
-    monkeypatch.setattr(remote, "COPY_OBJECT_LIMIT", 0)  # every object through the managed (>5 GiB) copy
+    monkeypatch.setattr(s3_backend, "COPY_OBJECT_LIMIT", 0)  # every object through the managed (>5 GiB) copy
     assert rem.archive(older_than_days=7, storage_class="STANDARD_IA", now=later) == [1, 3]
     assert storage_classes(s3_bucket, rem, 3) == {"STANDARD_IA"}
     with pytest.raises(ValueError, match="GLACIER"):

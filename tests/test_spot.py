@@ -64,10 +64,10 @@ def test_validate_accepts_defaults_and_every_provider():
 @pytest.mark.parametrize(
     ("cfg", "expected"),
     [
-        (SpotConfig(provider="asw"), "did you mean 'aws'?"),
-        (SpotConfig(provider="AWS"), "did you mean 'aws'?"),
-        (SpotConfig(provider="azur"), "did you mean 'azure'?"),
-        (SpotConfig(provider="digitalocean"), "is not one of none, aws, gcp, azure"),
+        (SpotConfig(provider="asw"), "spot.provider: unknown value 'asw' (did you mean aws?)"),
+        (SpotConfig(provider="AWS"), "spot.provider: unknown value 'AWS'"),
+        (SpotConfig(provider="azur"), "did you mean azure?"),
+        (SpotConfig(provider="digitalocean"), "choose one of none, aws, gcp, azure"),
         (SpotConfig(poll_interval_s=0), "spot.poll_interval_s must be > 0 seconds (got 0)"),
         (SpotConfig(poll_interval_s=math.nan), "spot.poll_interval_s must be > 0"),
         (SpotConfig(deadline_s=-1), "spot.deadline_s must be > 0 seconds (got -1)"),
@@ -208,7 +208,14 @@ def test_second_signal_raises_preemption_abort_and_calls_on_abort(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             wait_until(lambda: False, timeout=1.0)
     assert aborts == ["second signal SIGINT while stopping for SIGTERM"]
-    assert PreemptionAbort.exit_code == EXIT_ABORTED and not issubclass(PreemptionAbort, Exception)
+
+
+def test_preemption_abort_escapes_except_exception():
+    with pytest.raises(PreemptionAbort):
+        try:
+            raise PreemptionAbort("second signal")
+        except Exception:  # what training code may do around a step
+            pytest.fail("except Exception swallowed PreemptionAbort")
 
 
 def test_duplicate_delivery_of_one_stop_is_not_a_second_signal():
@@ -273,6 +280,33 @@ def run_child(deadline: float, finish: bool = False, on_abort_sleep: float = 0.0
         [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=20
     )
     return proc, time.monotonic() - started
+
+
+SECOND_SIGNAL_CHILD = """
+import os, signal, time
+from greenrun.runtime import spot
+spot._DUPLICATE_WINDOW_S = 0.0
+with spot.PreemptionWatcher(spot.SpotConfig(deadline_s=10)) as watcher:
+    os.kill(os.getpid(), signal.SIGTERM)
+    while not watcher.requested:
+        time.sleep(0.001)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+        time.sleep(5)
+    except Exception:
+        print("SWALLOWED", flush=True)
+print("UNREACHED", flush=True)
+"""
+
+
+def test_uncaught_second_signal_exits_76_without_a_traceback():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL_CHILD], env=env, capture_output=True, text=True, timeout=20
+    )
+    assert proc.returncode == EXIT_ABORTED, proc.stderr
+    assert "SWALLOWED" not in proc.stdout and "UNREACHED" not in proc.stdout
+    assert "Traceback" not in proc.stderr
 
 
 def test_watchdog_calls_on_abort_and_exits_76_at_the_deadline():

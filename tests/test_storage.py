@@ -23,6 +23,7 @@ from greenrun.storage import (
     parse_s3_url,
     validate,
 )
+from greenrun.storage import s3 as s3_backend
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite its asserts
     from tests.s3_fixtures import FaultyProxy, S3Bucket
@@ -156,6 +157,7 @@ def test_bad_keys_are_rejected(storage: Storage, tmp_path: Path, key: str) -> No
         lambda: storage.exists(key),
         lambda: storage.delete(key),
         lambda: storage.url(key),
+        lambda: storage.set_storage_class(key, "STANDARD_IA"),
     ]
     for call in calls:
         with pytest.raises(ValueError, match="invalid storage key") as info:
@@ -305,6 +307,41 @@ def test_lost_answer_to_a_conditional_write_is_not_a_conflict(
     assert s3_bucket.open_uploads() == []
 
 
+def test_set_storage_class_rewrites_in_place_once(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_s3(s3_bucket)
+    store.put_bytes("ckpt/a", b"a" * 1000)
+    store.put_bytes("ckpt/b", b"b" * 1000)
+
+    def storage_class(key: str) -> str:
+        head = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=f"runs/r1/{key}")
+        return head.get("StorageClass", "STANDARD")
+
+    assert "GLACIER_IR" in store.storage_classes()
+    assert store.set_storage_class("ckpt/a", "GLACIER_IR") is True
+    assert storage_class("ckpt/a") == "GLACIER_IR" and store.get_bytes("ckpt/a") == b"a" * 1000
+    assert store.set_storage_class("ckpt/a", "GLACIER_IR") is False  # already there: no copy
+    monkeypatch.setattr(s3_backend, "COPY_OBJECT_LIMIT", 0)  # as if ckpt/b were over 5 GiB: managed copy
+    assert store.set_storage_class("ckpt/b", "STANDARD_IA") is True
+    assert storage_class("ckpt/b") == "STANDARD_IA" and store.get_bytes("ckpt/b") == b"b" * 1000
+    assert s3_bucket.open_uploads() == []
+    with pytest.raises(ObjectNotFound):
+        store.set_storage_class("ckpt/absent", "GLACIER_IR")
+    with pytest.raises(ValueError, match="storage class 'COLD'"):
+        store.set_storage_class("ckpt/a", "COLD")
+
+
+def test_local_storage_has_no_storage_classes(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    store.put_bytes("ckpt/a", b"a")
+    assert store.storage_classes() == ()
+    assert store.set_storage_class("ckpt/a", "GLACIER_IR") is False
+    assert store.get_bytes("ckpt/a") == b"a"
+    with pytest.raises(ValueError, match="invalid storage key"):
+        store.set_storage_class("../a", "GLACIER_IR")
+
+
 # --- S3: errors and secrets -----------------------------------------------------------------------
 
 
@@ -359,8 +396,11 @@ def test_missing_credentials_error_points_at_the_default_chain(s3_bucket: S3Buck
 def test_validate_explains_problems() -> None:
     assert validate(StorageConfig()) == []
     assert validate(StorageConfig(kind="s3", bucket="b", prefix="greenrun/")) == []
-    assert "did you mean 's3'" in validate(StorageConfig(kind="S3", bucket="b"))[0]
-    assert "did you mean 'local'" in validate(StorageConfig(kind="locl"))[0]
+    assert (
+        "storage.kind: unknown value 'S3' (did you mean s3?)"
+        in validate(StorageConfig(kind="S3", bucket="b"))[0]
+    )
+    assert "did you mean local?" in validate(StorageConfig(kind="locl"))[0]
     assert "storage.bucket is required" in validate(StorageConfig(kind="s3"))[0]
     assert "bare bucket name" in validate(StorageConfig(kind="s3", bucket="s3://b/p"))[0]
     assert "part_size_mb" in validate(StorageConfig(part_size_mb=5))[0]
@@ -369,7 +409,14 @@ def test_validate_explains_problems() -> None:
 
 
 def test_build_and_parse_s3_url(tmp_path: Path) -> None:
-    assert isinstance(build(StorageConfig(), tmp_path), LocalStorage)
+    local = build(StorageConfig(), tmp_path)
+    assert isinstance(local, LocalStorage) and local.root == tmp_path.resolve()
+    s3 = build(
+        StorageConfig(kind="s3", bucket="b", prefix="/p/", endpoint_url="http://127.0.0.1:1"), tmp_path
+    )
+    assert isinstance(s3, S3Storage) and s3.url("k") == "s3://b/p/k"
+    with pytest.raises(ValueError, match="did you mean local"):
+        build(StorageConfig(kind="locla"), tmp_path)
     with pytest.raises(ValueError, match="storage.bucket is required"):
         build(StorageConfig(kind="s3"), tmp_path)
     assert parse_s3_url("s3://bucket/some/prefix/") == ("bucket", "some/prefix")

@@ -5,6 +5,15 @@ import json
 from greenrun.ckpt import checkpoint
 from tests.common import run_cli
 
+# What the preflight (the smoke check before training) prints: its verdict and the memory prediction.
+PREFLIGHT_LINES = ("smoke PASS", "predicted peak")
+
+
+def preflight_ran(stdout: str) -> bool:
+    found = [line in stdout for line in PREFLIGHT_LINES]
+    assert all(found) or not any(found), f"half a preflight report:\n{stdout}"
+    return all(found)
+
 
 def test_smoke_passes_and_reports_memory(tiny):
     r = run_cli("smoke", *tiny)
@@ -34,6 +43,7 @@ def test_train_writes_the_run_directory(tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "PASS" in r.stdout and "greenrun summary" in r.stdout and "sample:" in r.stdout
+    assert preflight_ran(r.stdout), "preflight defaults to true: a train run starts with the smoke check"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 2, 3, 4, 6]
     for row in rows[1:]:
@@ -57,15 +67,25 @@ def test_multirun_sweep_makes_one_run_per_value(tiny, tmp_path):
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     assert r.returncode == 0, r.stderr
+    assert not preflight_ran(r.stdout), "preflight=false still ran the preflight"
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "checkpoints" / "step-00000002" / "manifest.json").is_file()
     assert "name: bf16" in (tmp_path / "sweep" / "1" / "config.yaml").read_text()
 
 
 def test_append_and_delete_overrides(tiny, tmp_path):
+    # `~key` deletes what set the key before it (here an earlier override; usually a recipe) and the schema
+    # default (preflight: true) comes back. Were `~preflight` ignored, preflight=false would hold: no preflight.
     r = run_cli(
-        "train", *tiny, "+recipe=bf16_ckpt", "~preflight", "trainer.max_steps=1", f"run.dir={tmp_path / 'r'}"
+        "train",
+        *tiny,
+        "+recipe=bf16_ckpt",
+        "preflight=false",
+        "~preflight",
+        "trainer.max_steps=1",
+        f"run.dir={tmp_path / 'r'}",
     )
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "r" / "config.yaml").read_text()
     assert "policy: full" in text and "preflight: true" in text
+    assert preflight_ran(r.stdout), "~preflight did not delete preflight=false"

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import greenrun
+from greenrun.ckpt.retention import Retention
+from greenrun.core.fields import plain
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -37,11 +39,13 @@ FILES = ("model.safetensors", "optimizer.pt", "trainer.pt")
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 250  # steps between checkpoints (0 = only at the end and on stop/preemption)
-    keep_last: int = 2  # committed checkpoints kept; the newest valid one is never deleted
-    keep_best: int = 0  # also keep this many checkpoints with the lowest validation loss
-    every_minutes: float = 0.0  # also checkpoint after this many minutes of wall clock (0 = off; spot: 15-30)
-    weights_dtype: str = "bf16"  # dtype of the model-only weight export at the end: bf16 | fp16 | fp32
+    interval: int = plain(200)  # steps between checkpoints (0 = only at the end and on stop/preemption)
+    keep_last: int = plain(2)  # newest committed checkpoints kept, locally and in the bucket (>= 1)
+    keep_best: int = plain(0)  # also keep this many checkpoints with the lowest validation loss
+    every_minutes: float = plain(
+        0.0
+    )  # also checkpoint after this many minutes of wall clock (0 = off; spot: 15-30)
+    weights_dtype: str = plain("bf16")  # dtype of the model-only weight export at the end: bf16 | fp16 | fp32
 
 
 class CheckpointError(RuntimeError):
@@ -241,27 +245,26 @@ def clean_stale(ckpt_root: Path) -> list[Path]:
 def prune(
     ckpt_root: Path, keep_last: int, keep_best: int = 0, protect: set[Path] | frozenset[Path] = frozenset()
 ) -> list[Path]:
-    """Delete committed checkpoints beyond the newest `keep_last` and the `keep_best` lowest val_loss.
+    """Apply Retention(keep_last, keep_best) to the committed checkpoints under ckpt_root.
 
     Never deletes the newest valid checkpoint, nor anything in `protect` (just written, or still uploading).
     """
     dirs = committed(ckpt_root)
-    keep = set(dirs[: max(1, keep_last)]) | set(protect)
+    step_of = {path: int(STEP_DIR.match(path.name).group(1)) for path in dirs}
+    guard = {step_of[p] for p in protect if p in step_of}
     for path in dirs:  # the newest valid one; a protected path was just verified by its writer
         if path in protect or verify(path) is None:
-            keep.add(path)
+            guard.add(step_of[path])
             break
+    val_loss: dict[int, object] = {}
     if keep_best > 0:
-        scored = []
         for path in dirs:
             with contextlib.suppress(CheckpointError):
-                val = read_manifest(path).get("val_loss")
-                if isinstance(val, int | float):
-                    scored.append((val, path))
-        keep |= {path for _, path in sorted(scored, key=lambda vp: vp[0])[:keep_best]}
+                val_loss[step_of[path]] = read_manifest(path).get("val_loss")
+    keep = Retention(keep_last, keep_best).keep(step_of.values(), val_loss, guard)
     removed = []
     for path in dirs:
-        if path not in keep:
+        if step_of[path] not in keep:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

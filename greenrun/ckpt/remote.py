@@ -26,17 +26,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import BotoCoreError, ClientError
 
-from greenrun.ckpt import checkpoint
+from greenrun.ckpt import checkpoint, retention
 from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.ckpt.retention import Retention
 from greenrun.storage import (
     CommitConflict,
-    LocalStorage,
     ObjectNotFound,
     Storage,
     StorageError,
@@ -51,8 +48,6 @@ _REMOTE_ONLY = ("attempt", "run_id", "keys")  # manifest fields the local format
 _KEY16 = re.compile(r"[0-9a-f]{16}")
 # Classes a plain GET can still read: GLACIER and DEEP_ARCHIVE would need a restore before fetch() works.
 ARCHIVE_CLASSES = ("STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR")
-COPY_OBJECT_LIMIT = 5 * 1024**3  # CopyObject's largest source; beyond it only a multipart copy works
-_BIG_COPY = TransferConfig(multipart_chunksize=512 * 1024**2)  # 10,000 parts of 8 MiB would cap at 80 GiB
 
 
 def parse_run_url(url: str) -> tuple[str, str]:
@@ -92,13 +87,7 @@ def _digests(manifest: dict) -> dict[str, str]:
 
 
 def _best(manifests: dict[int, dict], n: int) -> list[int]:
-    """The n steps with the lowest finite val_loss; ties go to the newer step."""
-    scored = []
-    for step, manifest in manifests.items():
-        loss = manifest.get("val_loss")
-        if isinstance(loss, int | float) and math.isfinite(loss):
-            scored.append((loss, -step))
-    return [-neg_step for _, neg_step in sorted(scored)[: max(n, 0)]]
+    return retention.best({step: m.get("val_loss") for step, m in manifests.items()}, n)
 
 
 class Remote:
@@ -165,7 +154,7 @@ class Remote:
         tmp.mkdir()
         try:
             for name in names:
-                # FIX: skip names check_key refuses (e.g. '..'): they raised ValueError and aborted the restore.
+                # Names check_key refuses (e.g. '..') are skipped, not fatal: the cache is then incomplete.
                 if name != "meta.json" and "/" not in name and _safe_key(prefix + name):
                     self.storage.get(prefix + name, tmp / name)
             problem = _cache_problem(tmp, meta_bytes)
@@ -250,8 +239,7 @@ class Remote:
     def _point_latest(self, step: int) -> None:
         key = f"{self.run_key}/LATEST"
         try:
-            # FIX: TypeError too: a LATEST whose "step" is not a number (e.g. "../x") made the comparison
-            # raise, and the Uploader then reported an upload as failed although its manifest had committed.
+            # LATEST is foreign data: a "step" that is no number must not fail an upload that has committed.
             with contextlib.suppress(ObjectNotFound, ValueError, AttributeError, TypeError):
                 if json.loads(self.storage.get_bytes(key)).get("step", -1) > step:
                     return  # never move the hint backwards (a resumed process redoing an old step)
@@ -265,8 +253,7 @@ class Remote:
         base, found = f"{self.run_key}/checkpoints/", {}
         for key in self.storage.list(base):
             match = _STEP_KEY.fullmatch(key[len(base) :])
-            # FIX: ignore keys check_key refuses (a planted 'step-00000001/../x'): prune() passed them to
-            # delete(), whose ValueError ended every run with exit 1. They are not ours to touch.
+            # Keys check_key refuses (a planted 'step-00000001/../x') are not ours to touch, or to delete.
             if match and _safe_key(key):
                 entry = found.setdefault(int(match[1]), _StepKeys())
                 if match[2]:
@@ -309,10 +296,8 @@ class Remote:
         if here and _digests(checkpoint.read_manifest(final)) == _digests(manifest):
             return final  # already here, byte for byte: nothing to download
         keys, where = manifest.get("keys", {}), f"remote step-{step:08d}"
-        # FIX: the file names become local paths (tmp / name) and came unchecked from the bucket: a manifest
-        # listing '../../x' wrote x outside the run directory before verify() refused the checkpoint. Only
-        # the checkpoint's own file names pass now. Keys with '..' segments made get() raise ValueError,
-        # which aborted the resume instead of falling back to the previous checkpoint.
+        # The file names become local paths and come from the bucket: only the checkpoint's own names pass,
+        # and a bad key is a broken checkpoint (fall back to the previous one), not a crash.
         if (
             not isinstance(keys, dict)
             or set(keys) != set(manifest.get("files", {}))
@@ -361,9 +346,9 @@ class Remote:
     def prune(
         self, keep_last: int, keep_best: int = 0, protect: set[int] | frozenset[int] = frozenset()
     ) -> list[int]:
-        """Delete committed checkpoints beyond the newest keep_last; returns the steps deleted.
+        """Apply the run's Retention to the bucket; returns the steps deleted.
 
-        Kept: the keep_best lowest val_loss, the newest committed step and every step in protect. Also
+        Kept: what Retention keeps (the newest keep_last, the keep_best lowest val_loss, protect). Also
         removes attempts no manifest points at, but only below the newest commit: above it (and at it) a
         writer may still be uploading.
         """
@@ -371,13 +356,13 @@ class Remote:
         committed = sorted((s for s, keys in scan.items() if keys.committed), reverse=True)
         if not committed:
             return []
-        # FIX: "newest" counts manifests nobody verified; a newer broken or foreign one (a corrupted shard,
-        # a manifest with bad keys) made keep_last delete this run's good checkpoints, the one just
-        # uploaded included. What this process committed itself, from a verified local copy, always stays.
+        # "Newest" counts manifests nobody verified, and a newer broken or foreign one must not push this
+        # run's good checkpoints out: what this process committed itself, from a verified copy, stays.
         if self.last_committed is not None:
             protect = {*protect, self.last_committed}
         newest, manifests = committed[0], self._manifests(committed)
-        keep = {newest, *committed[: max(keep_last, 0)], *protect, *_best(manifests, keep_best)}
+        val_loss = {step: m.get("val_loss") for step, m in manifests.items()}
+        keep = Retention(keep_last, keep_best).keep(committed, val_loss, protect)
         deleted = []
         for step, keys in sorted(scan.items()):
             if step >= newest or step in protect:
@@ -389,25 +374,22 @@ class Remote:
             elif not keys.committed or "attempt" in manifests[step]:
                 live = manifests.get(step, {}).get("attempt")
                 self._delete([k for a, ks in keys.attempts.items() if a != live for k in ks])
-        if isinstance(self.storage, LocalStorage):  # files are gone; their directories would linger
-            _remove_empty_dirs(self.storage.root / self.run_key / "checkpoints")
         return deleted
 
     def archive(
         self, older_than_days: float, storage_class: str = "GLACIER_IR", now: float | None = None
     ) -> list[int]:
-        """Move checkpoints older than older_than_days to a colder S3 class; returns the steps moved.
+        """Move checkpoints older than older_than_days to a colder storage class; returns the steps moved.
 
         The newest and the best (lowest val_loss) stay hot, and so do manifests: listing and prune read
         them often, and cold classes bill small objects as 128 KiB. Idempotent.
         """
         if storage_class not in ARCHIVE_CLASSES:
             raise ValueError(f"storage_class={storage_class!r}: fetch() can read only {ARCHIVE_CLASSES}")
-        client = getattr(self.storage, "client", None)
-        if client is None:
-            log.info("archive: %s has no storage classes; nothing to do", type(self.storage).__name__)
+        if storage_class not in self.storage.storage_classes():
+            where = type(self.storage).__name__
+            log.info("archive: %s has no storage class %s; nothing to do", where, storage_class)
             return []
-        bucket, prefix = self.storage.bucket, self.storage.prefix
         cutoff = (time.time() if now is None else now) - older_than_days * 86400
         committed = self.steps()
         manifests = self._manifests(committed)
@@ -416,34 +398,11 @@ class Remote:
         for step, manifest in sorted(manifests.items()):
             if step in hot or manifest.get("created", math.inf) > cutoff:
                 continue
-            changed = False
-            for key in manifest.get("keys", {}).values():
-                full = f"{prefix}/{key}" if prefix else key
-                try:
-                    head = client.head_object(Bucket=bucket, Key=full)
-                    if head.get("StorageClass", "STANDARD") != storage_class:
-                        _copy_in_place(client, bucket, full, head["ContentLength"], storage_class)
-                        changed = True
-                except (ClientError, BotoCoreError) as e:
-                    raise StorageError(f"could not archive s3://{bucket}/{full}: {e}") from e
-            if changed:
+            keys = [k for k in manifest.get("keys", {}).values() if isinstance(k, str) and _safe_key(k)]
+            changed = [self.storage.set_storage_class(key, storage_class) for key in keys]
+            if any(changed):
                 moved.append(step)
         return moved
-
-
-def _copy_in_place(client: Any, bucket: str, full: str, size: int, storage_class: str) -> None:
-    source = {"Bucket": bucket, "Key": full}
-    args = {"StorageClass": storage_class, "MetadataDirective": "COPY"}
-    if size <= COPY_OBJECT_LIMIT:
-        client.copy_object(CopySource=source, Bucket=bucket, Key=full, **args)
-    else:  # the managed copy goes multipart; s3transfer aborts the upload itself if a part fails
-        client.copy(source, bucket, full, ExtraArgs=args, Config=_BIG_COPY)
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    for dirpath, _, _ in sorted(os.walk(root), key=lambda walked: -len(walked[0])):
-        with contextlib.suppress(OSError):  # not empty (or already gone): leave it
-            os.rmdir(dirpath)
 
 
 def _cache_problem(tmp: Path, meta_bytes: bytes) -> str | None:

@@ -1,9 +1,4 @@
-"""Background uploads of committed checkpoints, so training never waits on the network.
-
-At most one upload in flight and one pending: a newer submit replaces the pending one, because only the newest
-checkpoint matters for a resume and an unbounded queue would grow behind a slow link. After each commit the
-run's remote retention (keep_last, keep_best) is applied.
-"""
+"""Background uploads of committed checkpoints; after each commit the run's Retention is applied remotely."""
 
 from __future__ import annotations
 
@@ -14,6 +9,7 @@ from pathlib import Path
 
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.remote import Remote, UploadResult
+from greenrun.ckpt.retention import Retention
 
 log = logging.getLogger("greenrun.ckpt.remote")
 
@@ -25,10 +21,10 @@ class Uploader:
     the newest checkpoint matters for a resume and an unbounded queue would grow behind a slow link.
     """
 
-    def __init__(self, remote: Remote, keep_last: int = 0, keep_best: int = 0) -> None:
+    def __init__(self, remote: Remote, retention: Retention | None = None) -> None:
         self.remote = remote
-        # Retention after each commit (0 = none here): a long run must not keep every 1.5 GB checkpoint.
-        self.keep_last, self.keep_best = keep_last, keep_best
+        # Applied after each commit (None = keep everything): a long run must not keep every 1.5 GB checkpoint.
+        self.retention = retention
         self.results: list[UploadResult] = []
         self._cond = threading.Condition()
         self._pending: tuple[int, Path] | None = None
@@ -88,9 +84,10 @@ class Uploader:
                 # StorageError messages name the key and endpoint only; credentials never reach them.
                 log.warning("upload of step %d to %s failed: %s", step, where, e)
                 result = UploadResult(step, 0, time.monotonic() - t0, False, f"upload failed: {e}")
-            if result.committed and self.keep_last > 0:
+            if result.committed and self.retention is not None:
                 try:
-                    self.remote.prune(self.keep_last, self.keep_best, protect=self.in_flight_steps() | {step})
+                    keep = self.retention
+                    self.remote.prune(keep.keep_last, keep.keep_best, protect=self.in_flight_steps() | {step})
                 except Exception as e:  # retention is housekeeping: never let it stop uploads
                     log.warning("remote retention after step %d failed: %s", step, e)
             with self._cond:

@@ -1,12 +1,48 @@
-"""What the user sees: a live progress bar on a terminal, plain lines in logs, and the end-of-run summary."""
+"""What the user sees, through one channel: a live progress bar on a terminal, plain lines in logs, the
+end-of-run summary, and every message of every module through `logging` ("greenrun.*" loggers).
+
+Messages at INFO go to stdout (dimmed on a terminal, above the progress bar); WARNING and above go to
+stderr as `greenrun: ...`. Only rank 0 says anything below WARNING.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+console = Console(highlight=False)  # stdout: progress, summaries, INFO messages
+err_console = Console(stderr=True, highlight=False)  # stderr: warnings and errors
+
+
+class _ConsoleHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                err_console.print(f"greenrun: {text}", markup=False, soft_wrap=True)
+            else:
+                console.print(text, style="dim", markup=False, soft_wrap=True)
+        except Exception:  # a broken pipe must not turn a message into a crash
+            self.handleError(record)
+
+
+def setup(main: bool = True) -> None:
+    """Route every greenrun logger through the console (idempotent). Non-main ranks keep warnings only."""
+    logger = logging.getLogger("greenrun")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+
+
+def say(text: str) -> None:
+    """Plain text a command was asked for (help, usage, a result line): stdout, never wrapped."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    sys.stdout.flush()
 
 
 class Reporter:
@@ -14,11 +50,10 @@ class Reporter:
 
     def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
-        self.console = console or Console(highlight=False)
+        self.console = console or globals()["console"]
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
         self.task: Any = None
-        self.last: dict[str, Any] = {}
 
     def start(self, total: int, completed: int = 0) -> None:
         if not (self.enabled and self.live):
@@ -39,7 +74,6 @@ class Reporter:
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.last = record
         if self.progress is not None:
             fields = {"loss": f"{record['loss']:.4f}" if "loss" in record else "-"}
             if "tok_per_s" in record:
@@ -53,10 +87,6 @@ class Reporter:
             if key in record:
                 parts.append(f"{key} {record[key]:{fmt}}")
         self.console.print("  ".join(parts))
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            (self.progress.console if self.progress else self.console).print(f"[dim]{text}[/dim]")
 
     def stop(self) -> None:
         if self.progress is not None:

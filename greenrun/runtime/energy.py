@@ -1,12 +1,13 @@
 """Energy, cost and carbon of a run: a meter for the GPUs' joules, and the arithmetic that turns them
 into kWh at the wall, kg of CO2, dollars and an everyday equivalent.
 
-The meter reads NVML's per-GPU energy counter (Volta and newer), falls back to integrating sampled
-power draw where the counter is missing, and without NVML at all reports energy as unknown unless
-the user states an average power (cpu_watts). It must never take a training run down, so every NVML
-failure degrades the reading instead of raising.
+`energy.sensor` picks how energy is read, from SENSORS: "nvml" reads NVML's per-GPU energy counter
+(Volta and newer) and falls back to integrating sampled power draw where the counter is missing;
+"cpu_watts" multiplies a stated average power by the time; "none" reports energy as unknown; "auto"
+(the default) is nvml where it measures something, else cpu_watts when set, else none. The meter must
+never take a training run down, so every NVML failure degrades the reading instead of raising.
 
-Reads top to bottom: the config and its validation, the meter, then the accounting.
+Reads top to bottom: the config and its validation, the meter and its sensors, then the accounting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from greenrun.core.fields import plain
+from greenrun.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +35,18 @@ PHONE_CHARGE_KWH = 0.012
 
 @dataclass
 class EnergyConfig:
-    pue: float = 1.2  # data-centre power usage effectiveness, >= 1: 1.1 excellent, ~1.6 typical
-    grid_kg_per_kwh: float = 0.47  # grid kg CO2/kWh: ~0.22 US West, ~0.38 US East, ~0.23 EU, ~0.55 APAC
-    usd_per_gpu_hour: float = 0.0  # rental price per GPU-hour for the cost line; 0 = don't report cost
-    cpu_watts: float = 0.0  # assumed average watts when no GPU counter exists; 0 = energy unknown
+    pue: float = plain(1.2)  # data-centre power usage effectiveness, >= 1: 1.1 excellent, ~1.6 typical
+    grid_kg_per_kwh: float = plain(0.47)  # grid kg CO2/kWh: ~0.22 US West, ~0.38 US East, ~0.23 EU, 0.55 APAC
+    usd_per_gpu_hour: float = plain(0.0)  # rental price per GPU-hour for the cost line; 0 = don't report cost
+    cpu_watts: float = plain(0.0)  # assumed average watts when no GPU counter exists; 0 = energy unknown
+    sensor: str = plain("auto")  # auto | nvml | cpu_watts | none: how GPU/CPU energy is read
 
 
 def validate(cfg: EnergyConfig) -> list[str]:
     """Problems with the config as human-readable strings; an empty list means it is usable."""
-    problems = []
+    problems = SENSORS.problems(cfg.sensor)
+    if cfg.sensor == "cpu_watts" and not cfg.cpu_watts > 0:
+        problems.append("energy.sensor=cpu_watts: set energy.cpu_watts to the average power draw (> 0)")
     if cfg.pue < 1.0:
         problems.append(f"energy.pue: must be >= 1 (facility power over IT power), got {cfg.pue}")
     for key in ("grid_kg_per_kwh", "usd_per_gpu_hour", "cpu_watts"):
@@ -72,11 +79,11 @@ def nvml_ids(gpus: list[int], visible: str | None) -> list[int | str]:
 class EnergyMeter:
     """Joules used by this process's GPUs since start().
 
-    ``method`` says how: "counter" (NVML's energy counter), "sampling" (NVML power readings every
-    ``sample_s`` seconds, integrated), "cpu_watts" (cfg.cpu_watts times elapsed time) or "none"
-    (read() gives None). ``available`` is True when NVML measures something. Under DDP each rank
-    meters its own GPU (the default) and the trainer sums the readings, or one rank passes every
-    local ordinal in ``gpus``.
+    ``method`` says how, as cfg.sensor chose: "counter" (NVML's energy counter), "sampling" (NVML
+    power readings every ``sample_s`` seconds, integrated), "cpu_watts" (cfg.cpu_watts times elapsed
+    time) or "none" (read() gives None). ``available`` is True when NVML measures something. Under
+    DDP each rank meters its own GPU (the default) and the trainer sums the readings, or one rank
+    passes every local ordinal in ``gpus``.
     """
 
     def __init__(
@@ -115,22 +122,14 @@ class EnergyMeter:
         self.close()
 
     def start(self) -> None:
-        """Open NVML, pick the best method the GPUs support and zero the reading."""
+        """Open what cfg.sensor reads, pick its method and zero the reading."""
         self.close()  # a second start() begins afresh rather than leaking a sampler thread
         self._stop.clear()
-        self.method, self._handles, self._last_j = "none", [], None
+        self.method, self._handles, self._last_j, self._t0 = "none", [], None, None
         self._joules, self._closed, self._warned = 0.0, False, False
-        self._open_nvml()
-        self._t0 = self.clock()
-        if self._handles:
-            try:
-                self._start_mj = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
-                self.method = "counter"
-            except Exception as e:  # older GPUs answer NotSupported; any failure just means no counter
-                log.info("NVML energy counter unavailable (%s); sampling power instead", e)
-                self._start_sampling()
-        if self.method == "none" and self.cfg.cpu_watts > 0:
-            self.method = "cpu_watts"
+        self.method = SENSORS.get(self.cfg.sensor)(self)
+        if self._t0 is None:  # a sensor starts the clock itself when opening its source takes time
+            self._start_clock()
         self.available = self.method in ("counter", "sampling")
 
     def read(self) -> float | None:
@@ -209,16 +208,32 @@ class EnergyMeter:
     def _power_w(self) -> float:
         return sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0  # mW -> W
 
-    def _start_sampling(self) -> None:
+    def _start_clock(self) -> None:
+        self._t0 = self.clock()
+
+    def _start_nvml(self) -> str:
+        """The best method NVML offers for these GPUs: "counter", "sampling" or "none"."""
+        self._open_nvml()
+        self._start_clock()  # after nvmlInit, whose start-up is not the run's energy
+        if not self._handles:
+            return "none"
+        try:
+            self._start_mj = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
+            return "counter"
+        except Exception as e:  # older GPUs answer NotSupported; any failure just means no counter
+            log.info("NVML energy counter unavailable (%s); sampling power instead", e)
+            return "sampling" if self._start_sampling() else "none"
+
+    def _start_sampling(self) -> bool:
         try:
             self._last_w = self._power_w()
         except Exception as e:
             log.warning("NVML power readings unavailable too (%s); GPU energy is not measured", e)
-            return
+            return False
         self._last_t = self._t0 if self._t0 is not None else self.clock()
-        self.method = "sampling"
         self._thread = threading.Thread(target=self._sample_loop, name="energy-sampler", daemon=True)
         self._thread.start()
+        return True
 
     def _sample_loop(self) -> None:
         while not self._stop.wait(self.sample_s):
@@ -231,6 +246,38 @@ class EnergyMeter:
                 # Trapezoid between the previous and this sample.
                 self._joules += 0.5 * (self._last_w + watts) * max(0.0, now - self._last_t)
                 self._last_w, self._last_t = watts, now
+
+
+# --- Sensors: energy.sensor -> a function that opens what it reads and returns the meter's method ------
+
+SENSORS: Registry[Callable[[EnergyMeter], str]] = Registry("energy.sensor")
+
+
+@SENSORS.register("nvml")
+def nvml_sensor(meter: EnergyMeter) -> str:
+    """NVML's energy counter, else sampled power; "none" where NVML measures nothing."""
+    return meter._start_nvml()
+
+
+@SENSORS.register("cpu_watts")
+def cpu_watts_sensor(meter: EnergyMeter) -> str:
+    """energy.cpu_watts times the elapsed time: an estimate for machines without a GPU counter."""
+    return "cpu_watts" if meter.cfg.cpu_watts > 0 else "none"
+
+
+@SENSORS.register("none")
+def no_sensor(meter: EnergyMeter) -> str:
+    """Energy unknown: reported as unknown, never as zero."""
+    return "none"
+
+
+@SENSORS.register("auto")
+def auto_sensor(meter: EnergyMeter) -> str:
+    """nvml where it measures something, else cpu_watts when it is set, else none."""
+    method = nvml_sensor(meter)
+    if method == "none" and meter.cfg.cpu_watts > 0:
+        return "cpu_watts"
+    return method
 
 
 # --- Accounting -----------------------------------------------------------------------------------

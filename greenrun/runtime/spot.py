@@ -3,12 +3,15 @@
 Signals (SIGTERM from torchrun/Kubernetes/systemd, SIGINT from a terminal, SIGUSR1 from SLURM's
 `--signal=USR1@90`) and cloud metadata notices (AWS, GCP, Azure) all end up in one place: the first one
 sets `requested`; the trainer sees it at the next step boundary, writes an emergency checkpoint, calls
-`finished()` and exits with EXIT_PREEMPTED. A second signal raises PreemptionAbort, and a watchdog ends the
-process with EXIT_ABORTED if no checkpoint is committed within `deadline_s`.
+`finished()` and exits with EXIT_PREEMPTED. A second signal raises PreemptionAbort (exit EXIT_ABORTED), and
+a watchdog ends the process with EXIT_ABORTED if no checkpoint is committed within `deadline_s`.
+
+Each cloud is one MetadataProvider class registered in PROVIDERS under its `spot.provider` name.
 """
 
+from __future__ import annotations
+
 import contextlib
-import difflib
 import json
 import logging
 import math
@@ -23,17 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from greenrun.core.fields import plain
+from greenrun.core.registry import Registry
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a clean emergency checkpoint exists, so schedulers should simply retry
 EXIT_ABORTED = 76  # the deadline passed or a second signal came: the newest checkpoint may be an older one
 
-PROVIDERS = ("none", "aws", "gcp", "azure")
-DEFAULT_METADATA_URLS = {
-    "aws": "http://169.254.169.254",
-    "gcp": "http://metadata.google.internal",
-    "azure": "http://169.254.169.254",
-}
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # One slow request must not hold up the next poll or close(); the metadata services answer in milliseconds.
 _HTTP_TIMEOUT_S = 1.0
@@ -47,20 +47,37 @@ _WATCHDOG_TICK_S = 0.05
 
 @dataclass
 class SpotConfig:
-    provider: str = "none"  # none | aws | gcp | azure: metadata service to poll; signals are always handled
-    metadata_url: str | None = None  # metadata base URL override (tests); None = the provider's default
-    poll_interval_s: float = 5.0  # seconds between metadata polls, > 0 (AWS warns 120 s ahead, GCP ~30 s)
-    deadline_s: float = 25.0  # seconds from notice/signal to a committed emergency checkpoint, > 0
+    provider: str = plain("none")  # none | aws | gcp | azure: metadata service to poll; signals always work
+    metadata_url: str | None = plain(None)  # metadata base URL override (tests); None = provider's default
+    poll_interval_s: float = plain(5.0)  # seconds between polls, > 0 (AWS warns 120 s ahead, GCP ~30 s)
+    deadline_s: float = plain(25.0)  # seconds from notice/signal to a committed emergency checkpoint, > 0
+
+
+# (method, path, headers) -> (HTTP status, body): a GET or PUT against the provider's metadata service.
+Http = Callable[[str, str, dict[str, str]], tuple[int, str]]
+
+
+class MetadataProvider:
+    """One cloud's preemption notice: where its metadata service answers and how a notice reads.
+
+    The watcher makes one instance per run and calls `check` every poll_interval_s; an instance may keep
+    state between polls (AWS's session token). `check` returns the notice, None when there is none, and
+    raises when the service cannot tell (the watcher logs it and keeps polling).
+    """
+
+    default_url = ""  # the metadata service's base URL; spot.metadata_url overrides it
+    polls = True  # False: no metadata service at all, only signals
+
+    def check(self, http: Http) -> str | None:
+        raise NotImplementedError
+
+
+PROVIDERS: Registry[type[MetadataProvider]] = Registry("spot.provider")
 
 
 def validate(cfg: SpotConfig) -> list[str]:
     """Return human-readable problems with `cfg` (empty when it is usable)."""
-    problems = []
-    provider = str(cfg.provider)
-    if provider not in PROVIDERS:
-        close = difflib.get_close_matches(provider.lower(), PROVIDERS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        problems.append(f"spot.provider={provider!r} is not one of {', '.join(PROVIDERS)}{hint}")
+    problems = PROVIDERS.problems(str(cfg.provider))
     if not cfg.poll_interval_s > 0:  # written this way so NaN is rejected too
         problems.append(f"spot.poll_interval_s must be > 0 seconds (got {cfg.poll_interval_s})")
     if not cfg.deadline_s > 0:
@@ -70,14 +87,16 @@ def validate(cfg: SpotConfig) -> list[str]:
     return problems
 
 
-class PreemptionAbort(BaseException):
-    """Raised in the main thread by a second signal while stopping.
+class PreemptionAbort(SystemExit):
+    """Raised in the main thread by a second signal while stopping; uncaught, it exits with EXIT_ABORTED.
 
-    A BaseException so that `except Exception` in training code cannot swallow it, while `finally` blocks
+    A SystemExit so that `except Exception` in training code cannot swallow it, while `finally` blocks
     still run and remove half-written checkpoint files.
     """
 
-    exit_code = EXIT_ABORTED
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.code = EXIT_ABORTED  # the interpreter's exit status; str(self) stays the reason
 
 
 class PreemptionWatcher:
@@ -92,7 +111,8 @@ class PreemptionWatcher:
         self.requested = False
         self.reason = ""
         self.notice_time: float | None = None  # time.monotonic() of the first signal or notice
-        self._base_url = (cfg.metadata_url or DEFAULT_METADATA_URLS.get(cfg.provider, "")).rstrip("/")
+        self._provider = PROVIDERS.get(cfg.provider)()
+        self._base_url = (cfg.metadata_url or self._provider.default_url).rstrip("/")
         # Metadata addresses are link-local: an http_proxy from the environment would only break them.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         # Re-entrant: a signal handler can interrupt the main thread while it holds the lock.
@@ -103,10 +123,8 @@ class PreemptionWatcher:
         self._first_signal_at: float | None = None
         self._finished = False
         self._aborting = False
-        self._aws_token: str | None = None
-        self._aws_token_refresh_at = 0.0
 
-    def start(self) -> "PreemptionWatcher":
+    def start(self) -> PreemptionWatcher:
         """Install the signal handlers (main thread only) and start the watchdog and the poller."""
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
@@ -114,7 +132,7 @@ class PreemptionWatcher:
         else:
             log.warning("PreemptionWatcher started off the main thread: only metadata notices are watched")
         self._spawn(self._watchdog, "greenrun-spot-watchdog")
-        if self.cfg.provider != "none":
+        if self._provider.polls:
             self._spawn(self._poll_loop, f"greenrun-spot-{self.cfg.provider}")
         return self
 
@@ -129,7 +147,7 @@ class PreemptionWatcher:
             thread.join(timeout=2 * _HTTP_TIMEOUT_S)  # a poll may be mid-request; they are daemons anyway
         self._threads.clear()
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> PreemptionWatcher:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -210,12 +228,10 @@ class PreemptionWatcher:
     # --- metadata polling -----------------------------------------------------------------------------
 
     def _poll_loop(self) -> None:
-        checks = {"aws": self._check_aws, "gcp": self._check_gcp, "azure": self._check_azure}
-        check = checks[self.cfg.provider]
         failures = 0
         while not self.requested and not self._stop.is_set():
             try:
-                notice = check()
+                notice = self._provider.check(self._http)
             except Exception as exc:  # a poller problem must never take the training run down with it
                 failures += 1
                 level = logging.INFO if failures == 1 else logging.DEBUG
@@ -238,11 +254,35 @@ class PreemptionWatcher:
             err.close()
             return err.code, ""
 
-    def _aws_token_now(self) -> str:
-        if self._aws_token is None or time.monotonic() >= self._aws_token_refresh_at:
+
+# --- the providers: one class each, registered under its spot.provider name ---------------------------
+
+
+@PROVIDERS.register("none")
+class NoMetadata(MetadataProvider):
+    """Signals only: SIGTERM/SIGINT/SIGUSR1 still trigger an emergency checkpoint."""
+
+    polls = False
+
+    def check(self, http: Http) -> str | None:
+        return None
+
+
+@PROVIDERS.register("aws")
+class AwsImds(MetadataProvider):
+    """EC2 spot: IMDSv2's spot/instance-action, about 120 s before the instance is reclaimed."""
+
+    default_url = "http://169.254.169.254"
+
+    def __init__(self) -> None:
+        self._token: str | None = None
+        self._refresh_at = 0.0
+
+    def _token_now(self, http: Http) -> str:
+        if self._token is None or time.monotonic() >= self._refresh_at:
             ttl = {"X-aws-ec2-metadata-token-ttl-seconds": str(_AWS_TOKEN_TTL_S)}
             try:
-                status, token = self._http("PUT", "/latest/api/token", ttl)
+                status, token = http("PUT", "/latest/api/token", ttl)
             except OSError as exc:
                 # The PUT reply is dropped after one network hop: the classic symptom inside a container.
                 raise OSError(
@@ -251,17 +291,17 @@ class PreemptionWatcher:
                 ) from exc
             if status != 200:
                 raise OSError(f"IMDSv2 token request returned HTTP {status}")
-            self._aws_token = token.strip()
-            self._aws_token_refresh_at = time.monotonic() + 0.8 * _AWS_TOKEN_TTL_S
-        return self._aws_token
+            self._token = token.strip()
+            self._refresh_at = time.monotonic() + 0.8 * _AWS_TOKEN_TTL_S
+        return self._token
 
-    def _check_aws(self) -> str | None:
+    def check(self, http: Http) -> str | None:
         for _ in range(2):
-            headers = {"X-aws-ec2-metadata-token": self._aws_token_now()}
-            status, body = self._http("GET", "/latest/meta-data/spot/instance-action", headers)
+            headers = {"X-aws-ec2-metadata-token": self._token_now(http)}
+            status, body = http("GET", "/latest/meta-data/spot/instance-action", headers)
             if status != 401:
                 break
-            self._aws_token = None  # invalidated early (e.g. by a stop/start): retry once with a fresh token
+            self._token = None  # invalidated early (e.g. by a stop/start): retry once with a fresh token
         if status == 404:  # IMDS's way of saying "no interruption scheduled"
             return None
         if status != 200:
@@ -269,16 +309,29 @@ class PreemptionWatcher:
         action = json.loads(body)
         return f"aws spot notice: {action.get('action', '?')} at {action.get('time', '?')}"
 
-    def _check_gcp(self) -> str | None:
-        path = "/computeMetadata/v1/instance/preempted"
-        status, body = self._http("GET", path, {"Metadata-Flavor": "Google"})
+
+@PROVIDERS.register("gcp")
+class GcpMetadata(MetadataProvider):
+    """GCE spot/preemptible VMs: instance/preempted turns TRUE about 30 s before the stop."""
+
+    default_url = "http://metadata.google.internal"
+
+    def check(self, http: Http) -> str | None:
+        status, body = http("GET", "/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"})
         if status != 200:
             raise OSError(f"instance/preempted returned HTTP {status}")
         return "gcp preempted: TRUE" if body.strip().upper() == "TRUE" else None
 
-    def _check_azure(self) -> str | None:
+
+@PROVIDERS.register("azure")
+class AzureScheduledEvents(MetadataProvider):
+    """Azure spot VMs: a Preempt scheduled event, at least 30 s ahead; other event types are not ours."""
+
+    default_url = "http://169.254.169.254"
+
+    def check(self, http: Http) -> str | None:
         path = "/metadata/scheduledevents?api-version=2020-07-01"
-        status, body = self._http("GET", path, {"Metadata": "true"})
+        status, body = http("GET", path, {"Metadata": "true"})
         if status != 200:
             raise OSError(f"scheduledevents returned HTTP {status}")
         for event in json.loads(body).get("Events", []):

@@ -3,15 +3,21 @@
 Checkpoints must survive spot preemption, so every write is all-or-nothing (os.replace locally; one PUT or
 an aborted-on-failure multipart upload on S3) and commit markers use ``if_none_match`` so one writer wins.
 S3 credentials come only from boto3's default chain; no config field holds them and nothing logs them.
+
+Each backend registers itself in BACKENDS under its `storage.kind` where its class is defined; importing
+the modules below is what registers them.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
+from greenrun.core import checks
 from greenrun.storage.base import (
+    BACKENDS,
     MIN_PART_SIZE_MB,
+    RETRY_MODES,
+    Backend,
     CommitConflict,
     ObjectNotFound,
     Storage,
@@ -25,6 +31,8 @@ from greenrun.storage.local import LocalStorage
 from greenrun.storage.s3 import S3Storage
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
     "CommitConflict",
     "LocalStorage",
     "ObjectNotFound",
@@ -38,20 +46,13 @@ __all__ = [
     "validate",
 ]
 
-KINDS = ("local", "s3")
-RETRY_MODES = ("standard", "adaptive")
-
 
 def validate(cfg: StorageConfig) -> list[str]:
     """Problems with cfg, one readable sentence each; empty when it is usable."""
-    problems = []
-    if cfg.kind not in KINDS:
-        close = difflib.get_close_matches(cfg.kind.lower(), KINDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        problems.append(f"storage.kind={cfg.kind!r} is not one of {', '.join(KINDS)}{hint}")
-    if cfg.kind == "s3" and cfg.bucket in ("", "???"):
-        problems.append("storage.bucket is required for storage=s3 (e.g. storage.bucket=my-bucket)")
-    elif "/" in cfg.bucket:
+    problems = BACKENDS.problems(cfg.kind)
+    if not problems:
+        problems += BACKENDS.get(cfg.kind).config_problems(cfg)
+    if "/" in cfg.bucket:
         problems.append(
             f"storage.bucket={cfg.bucket!r} must be a bare bucket name; put s3://bucket/prefix "
             "into storage.bucket=bucket storage.prefix=prefix"
@@ -62,8 +63,7 @@ def validate(cfg: StorageConfig) -> list[str]:
         problems.append(f"storage.prefix: {e}")
     if cfg.part_size_mb < MIN_PART_SIZE_MB:
         problems.append(f"storage.part_size_mb={cfg.part_size_mb} must be >= {MIN_PART_SIZE_MB}")
-    if cfg.retry_mode not in RETRY_MODES:
-        problems.append(f"storage.retry_mode={cfg.retry_mode!r} is not one of {', '.join(RETRY_MODES)}")
+    problems += checks.choice("storage.retry_mode", cfg.retry_mode, RETRY_MODES)
     if cfg.max_attempts < 1:
         problems.append(f"storage.max_attempts={cfg.max_attempts} must be >= 1")
     if cfg.max_concurrency < 1:
@@ -76,4 +76,4 @@ def build(cfg: StorageConfig, local_root: Path) -> Storage:
     problems = validate(cfg)
     if problems:
         raise ValueError("invalid storage config: " + "; ".join(problems))
-    return LocalStorage(local_root) if cfg.kind == "local" else S3Storage(cfg)
+    return BACKENDS.get(cfg.kind).from_config(cfg, local_root)

@@ -1,4 +1,5 @@
-"""What every storage backend shares: its config, its errors, the Protocol and the key rules.
+"""What every storage backend shares: its config, its errors, the Protocol, the BACKENDS registry and the
+key rules.
 
 Checkpoints must survive spot preemption, so every write is all-or-nothing (os.replace locally; one PUT or
 an aborted-on-failure multipart upload on S3) and commit markers use ``if_none_match`` so one writer wins.
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-KINDS = ("local", "s3")
+from greenrun.core.fields import plain
+from greenrun.core.registry import Registry
+
 RETRY_MODES = ("standard", "adaptive")
 MIN_PART_SIZE_MB = 8  # every part but the last has exactly part_size_mb; R2 wants equal parts, AWS >= 5 MiB
 MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
@@ -28,15 +31,15 @@ ACCESS_CODES |= {"InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "A
 
 @dataclass
 class StorageConfig:
-    kind: str = "local"  # local | s3
-    bucket: str = ""  # S3 bucket name, required for kind=s3 (no s3:// and no slashes)
-    prefix: str = ""  # key prefix under which runs live, e.g. "greenrun" ("" = bucket root)
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, a test server); None = AWS
-    region: str | None = None  # e.g. us-east-1; None = from the default chain (AWS_DEFAULT_REGION, ~/.aws)
-    retry_mode: str = "standard"  # standard | adaptive (adaptive also slows down on SlowDown throttling)
-    max_attempts: int = 10  # tries per S3 request, the first included (>= 1)
-    part_size_mb: int = 16  # MiB per multipart part, fixed; bigger files go up in parts (>= 8)
-    max_concurrency: int = 4  # parts uploaded / ranges downloaded in parallel (>= 1)
+    kind: str = plain("local")  # local | s3
+    bucket: str = plain("")  # S3 bucket name, required for kind=s3 (no s3:// and no slashes)
+    prefix: str = plain("")  # key prefix under which runs live, e.g. "greenrun" ("" = bucket root)
+    endpoint_url: str | None = plain(None)  # S3-compatible endpoint (MinIO, R2, a test server); None = AWS
+    region: str | None = plain(None)  # e.g. us-east-1; None = the default chain (AWS_DEFAULT_REGION, ~/.aws)
+    retry_mode: str = plain("standard")  # standard | adaptive (adaptive also backs off when throttled)
+    max_attempts: int = plain(10)  # tries per S3 request, the first included (>= 1)
+    part_size_mb: int = plain(16)  # MiB per multipart part, fixed; bigger files go up in parts (>= 8)
+    max_concurrency: int = plain(4)  # parts uploaded / ranges downloaded in parallel (>= 1)
 
 
 class CommitConflict(Exception):
@@ -63,6 +66,21 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def url(self, key: str) -> str: ...  # for messages only
     def abort_stale_uploads(self, prefix: str) -> int: ...  # leftovers of interrupted writes; returns count
+    def storage_classes(self) -> tuple[str, ...]: ...  # what set_storage_class accepts; () = no classes
+    def set_storage_class(self, key: str, storage_class: str) -> bool: ...  # True if the class changed
+
+
+class Backend(Storage, Protocol):
+    """A Storage class that `storage.kind` can name: it builds itself from the config."""
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig, local_root: Path) -> Storage: ...  # local_root: the run dir
+    @staticmethod
+    def config_problems(cfg: StorageConfig) -> list[str]: ...  # what this kind alone requires of cfg
+
+
+# storage.kind -> its class; each backend registers itself where it is defined (local.py, s3.py).
+BACKENDS: Registry[type[Backend]] = Registry("storage.kind")
 
 
 def check_key(key: str) -> str:

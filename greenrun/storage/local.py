@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 from greenrun.core.fs import TMP_PREFIX, Exists, atomic_write
-from greenrun.storage.base import CommitConflict, ObjectNotFound, check_key, check_prefix
+from greenrun.storage.base import (
+    BACKENDS,
+    CommitConflict,
+    ObjectNotFound,
+    StorageConfig,
+    check_key,
+    check_prefix,
+)
 
 _MIB = 1024 * 1024
 
 
+@BACKENDS.register("local")
 class LocalStorage:
     """Objects are files under root; writes go to a temp file in the same directory, then os.replace."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig, local_root: Path) -> LocalStorage:
+        return cls(local_root)
+
+    @staticmethod
+    def config_problems(cfg: StorageConfig) -> list[str]:
+        return []
 
     def _path(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
@@ -56,7 +74,16 @@ class LocalStorage:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # An object store has no directories: one emptied by this delete goes too, up to the root.
+        for parent in path.parents:
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty, or already gone
+                break
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -71,8 +98,15 @@ class LocalStorage:
             path.unlink(missing_ok=True)
         return len(stale)
 
+    def storage_classes(self) -> tuple[str, ...]:
+        return ()  # a file has no storage class
 
-def _write(dst: Path, data, *, exclusive: bool) -> None:
+    def set_storage_class(self, key: str, storage_class: str) -> bool:
+        self._path(key)  # a bad key is refused here as everywhere else
+        return False
+
+
+def _write(dst: Path, data: bytes | Callable[[IO[bytes]], Any], *, exclusive: bool) -> None:
     try:
         atomic_write(dst, data, exclusive=exclusive)
     except Exists as e:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import boto3
 from boto3.exceptions import RetriesExceededError
@@ -26,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from greenrun.core.fs import TMP_PREFIX
 from greenrun.storage.base import (
     ACCESS_CODES,
+    BACKENDS,
     CONNECT_TIMEOUT_S,
     MAX_PARTS,
     MIB,
@@ -39,7 +41,20 @@ from greenrun.storage.base import (
     check_prefix,
 )
 
-log = logging.getLogger("greenrun.storage")
+log = logging.getLogger(__name__)
+
+# Every class S3 accepts for an object (AWS's names; S3-compatible stores accept a subset).
+STORAGE_CLASSES = (
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+)
+COPY_OBJECT_LIMIT = 5 * 1024**3  # CopyObject's largest source; beyond it only a multipart copy works
+_BIG_COPY = TransferConfig(multipart_chunksize=512 * 1024**2)  # 10,000 parts of 8 MiB would cap at 80 GiB
 
 
 def quiet_sdk_loggers() -> None:
@@ -50,6 +65,7 @@ def quiet_sdk_loggers() -> None:
             logger.setLevel(logging.WARNING)
 
 
+@BACKENDS.register("s3")
 class S3Storage:
     """Objects in an S3-compatible bucket under cfg.prefix.
 
@@ -84,6 +100,16 @@ class S3Storage:
             max_concurrency=cfg.max_concurrency,
             preferred_transfer_client="classic",  # CRT (auto-picked on some instances) has its own retries
         )
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig, local_root: Path) -> S3Storage:
+        return cls(cfg)
+
+    @staticmethod
+    def config_problems(cfg: StorageConfig) -> list[str]:
+        if cfg.bucket in ("", "???"):
+            return ["storage.bucket is required for storage=s3 (e.g. storage.bucket=my-bucket)"]
+        return []
 
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{check_key(key)}" if self.prefix else check_key(key)
@@ -239,6 +265,21 @@ class S3Storage:
                 raise
         return True
 
+    def storage_classes(self) -> tuple[str, ...]:
+        return STORAGE_CLASSES
+
+    def set_storage_class(self, key: str, storage_class: str) -> bool:
+        """Rewrite the object in place under storage_class; False when it already has that class."""
+        if storage_class not in STORAGE_CLASSES:
+            raise ValueError(f"storage class {storage_class!r} is not one of {', '.join(STORAGE_CLASSES)}")
+        full = self._full(key)
+        with self._failing("change the storage class of", full):
+            head = self.client.head_object(Bucket=self.bucket, Key=full)
+            if head.get("StorageClass", "STANDARD") == storage_class:  # S3 omits the field for STANDARD
+                return False
+            _copy_in_place(self.client, self.bucket, full, head["ContentLength"], storage_class)
+        return True
+
     def _etag_or_none(self, full: str) -> str | None:
         with contextlib.suppress(ClientError, BotoCoreError):
             return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"].strip('"')
@@ -269,6 +310,15 @@ class S3Storage:
         if code in ("NoSuchKey", "404"):
             return ObjectNotFound(f"no object at {where}")
         return StorageError(f"could not {action} {where}: {e}")
+
+
+def _copy_in_place(client: Any, bucket: str, full: str, size: int, storage_class: str) -> None:
+    source = {"Bucket": bucket, "Key": full}
+    args = {"StorageClass": storage_class, "MetadataDirective": "COPY"}
+    if size <= COPY_OBJECT_LIMIT:
+        client.copy_object(CopySource=source, Bucket=bucket, Key=full, **args)
+    else:  # the managed copy goes multipart; s3transfer aborts the upload itself if a part fails
+        client.copy(source, bucket, full, ExtraArgs=args, Config=_BIG_COPY)
 
 
 def _code(e: Exception) -> str | None:

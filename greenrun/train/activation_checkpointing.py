@@ -11,44 +11,81 @@ stream, about A/16 in fp32 and A/9 under bf16 autocast; see ``greenrun.train.mem
 - "selective" block: keeps I plus the matmul and attention outputs (about 0.7 A) and recomputes only
   the cheap elementwise ops (LayerNorm, GELU, residual adds), so it costs almost no extra time.
 
-Policies, for L blocks (block 0 is nearest the embeddings):
-
-- none: nothing recomputed. Memory L*A.
-- full: every block "full". Memory L*I + A, the least possible per-block, at ~+33% compute.
-- every_k: block i is "full" when ``i % every == 0`` (blocks 0, k, 2k, ...), the rest "none".
-  every=1 is the same as full; every=2 recomputes half the blocks.
-- sqrt: k = max(1, round(sqrt(L))); the last block and every k-th block counting back from it
-  (``(L - 1 - i) % k == 0``) are "none", all others "full". That keeps ceil(L/k) ~ sqrt(L) blocks'
-  full activations, so memory ~ (sqrt(L) + 1)*A + L*I: O(sqrt(L)) in the dominant A term, as in
-  Chen et al. 2016 ("Training Deep Nets with Sublinear Memory Cost"), while recomputing
-  L - ceil(L/k) blocks. Leaving the *last* block un-recomputed matters: backward starts there, so
-  its A is freed before the first recompute buffer is needed.
-  Note that Chen et al. checkpoint segments of ~sqrt(L) layers and keep only L/k segment inputs;
-  with per-block checkpointing every block's input stays alive anyway and I << A, so "full" already
-  uses less memory than the segment scheme. sqrt is the compute/memory middle ground between them.
-- selective: every block "selective". Memory ~0.7*L*A + A.
+Each policy is one plan function below, registered in POLICIES under its name (L blocks, block 0 is
+nearest the embeddings).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from greenrun.core import checks
+from torch import nn
 
-POLICIES = ("none", "full", "every_k", "sqrt", "selective")
+from greenrun.core.fields import plain
+from greenrun.core.registry import Registry
 
 
 @dataclass
 class ActivationCheckpointingConfig:
-    policy: str = "none"  # none | full | every_k | sqrt | selective: which blocks recompute in backward
-    every: int = 2  # for every_k: recompute blocks 0, k, 2k, ... (k = every, >= 1; 1 = all blocks)
+    policy: str = plain("none")  # none | full | every_k | sqrt | selective (which blocks recompute)
+    every: int = plain(2)  # for every_k: recompute blocks 0, k, 2k, ... (k = every, >= 1; 1 = all blocks)
+
+
+# A policy turns (config, n_layer) into one recompute mode per block.
+PlanFn = Callable[[ActivationCheckpointingConfig, int], list[str]]
+POLICIES: Registry[PlanFn] = Registry("activation_checkpointing.policy")
+
+
+@POLICIES.register("none")
+def keep_all(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
+    """Nothing recomputed. Memory L*A."""
+    return ["none"] * n_layer
+
+
+@POLICIES.register("full")
+def recompute_all(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
+    """Every block "full". Memory L*I + A, the least possible per-block, at ~+33% compute."""
+    return ["full"] * n_layer
+
+
+@POLICIES.register("every_k")
+def every_k(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
+    """Block i is "full" when ``i % every == 0`` (blocks 0, k, 2k, ...), the rest "none".
+
+    every=1 is the same as full; every=2 recomputes half the blocks.
+    """
+    return ["full" if i % cfg.every == 0 else "none" for i in range(n_layer)]
+
+
+@POLICIES.register("sqrt")
+def sqrt(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
+    """k = max(1, round(sqrt(L))); the last block and every k-th one counting back from it are "none".
+
+    Those are the blocks with ``(L - 1 - i) % k == 0``; all others are "full". That keeps ceil(L/k) ~
+    sqrt(L) blocks' full activations, so memory ~ (sqrt(L) + 1)*A + L*I: O(sqrt(L)) in the dominant A
+    term, as in Chen et al. 2016 ("Training Deep Nets with Sublinear Memory Cost"), while recomputing
+    L - ceil(L/k) blocks. Leaving the *last* block un-recomputed matters: backward starts there, so its
+    A is freed before the first recompute buffer is needed.
+
+    Chen et al. checkpoint segments of ~sqrt(L) layers and keep only L/k segment inputs; with per-block
+    checkpointing every block's input stays alive anyway and I << A, so "full" already uses less memory
+    than the segment scheme. sqrt is the compute/memory middle ground between none and full.
+    """
+    k = max(1, round(math.sqrt(n_layer)))
+    return ["none" if (n_layer - 1 - i) % k == 0 else "full" for i in range(n_layer)]
+
+
+@POLICIES.register("selective")
+def selective(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
+    """Every block "selective". Memory ~0.7*L*A + A at almost no extra compute."""
+    return ["selective"] * n_layer
 
 
 def validate(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
     """Problems with the config as human-readable strings; an empty list means it is usable."""
-    # checks.choice names the closest valid policy (difflib), worded like every other group's problems.
-    problems = checks.choice("activation_checkpointing.policy", str(cfg.policy), POLICIES)
+    problems = POLICIES.problems(str(cfg.policy))
     if not isinstance(cfg.every, int) or isinstance(cfg.every, bool) or cfg.every < 1:
         problems.append(f"activation_checkpointing.every: must be an integer >= 1, got {cfg.every!r}")
     if n_layer < 1:
@@ -57,24 +94,14 @@ def validate(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
 
 
 def plan(cfg: ActivationCheckpointingConfig, n_layer: int) -> list[str]:
-    """Per-block recompute modes ("none" | "full" | "selective") for a policy; see the module doc."""
+    """Per-block recompute modes ("none" | "full" | "selective") for the configured policy."""
     problems = validate(cfg, n_layer)
     if problems:
         raise ValueError("; ".join(problems))
-    if cfg.policy == "none":
-        return ["none"] * n_layer
-    if cfg.policy == "full":
-        return ["full"] * n_layer
-    if cfg.policy == "selective":
-        return ["selective"] * n_layer
-    if cfg.policy == "every_k":
-        return ["full" if i % cfg.every == 0 else "none" for i in range(n_layer)]
-    # sqrt
-    k = max(1, round(math.sqrt(n_layer)))
-    return ["none" if (n_layer - 1 - i) % k == 0 else "full" for i in range(n_layer)]
+    return POLICIES.get(cfg.policy)(cfg, n_layer)
 
 
-def apply(model, cfg: ActivationCheckpointingConfig) -> list[str]:
+def apply(model: nn.Module, cfg: ActivationCheckpointingConfig) -> list[str]:
     """Set ``model.recompute`` from the policy and return the plan."""
     modes = plan(cfg, len(model.h))
     model.recompute = modes

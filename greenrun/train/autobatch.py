@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from greenrun.runtime import distributed
+from greenrun.train import activation_checkpointing, memory, model, optimizer, precision
+
+logger = logging.getLogger(__name__)
 
 MAX_MICRO_BATCH = 1024  # probe ceiling: far past the point where a bigger micro-step adds GPU throughput
 CPU_CAP = 64  # CPU steps are slow enough that a bigger micro-batch buys nothing
@@ -250,7 +257,7 @@ def auto_micro_batch(
     target_tokens: int,
     world_size: int,
     device: torch.device | str,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     *,
     estimate_bytes: Callable[[int], int] | None = None,
     start: int = 1,
@@ -292,15 +299,14 @@ def auto_micro_batch(
     return AutoBatch(micro, accum, tokens, probes, time.perf_counter() - t0, note)
 
 
-def resolve(cfg, device: torch.device, world_size: int, log: Callable[[str], None]) -> AutoBatch:
-    """Replace trainer.micro_batch_size=auto (and grad_accum_steps) in `cfg` by probed numbers.
+def resolve(cfg: Any, device: torch.device, world_size: int, log: Callable[[str], None]) -> AutoBatch:
+    """The probed micro-batch and accumulation for `cfg`'s trainer.micro_batch_size=auto; cfg is not changed.
+
+    `cfg` is a greenrun.config.Config, which sits a layer above this package, hence untyped here.
 
     Runs on a throwaway model before the real one exists; the resolved numbers go into config.yaml, so a
     resume reuses them instead of probing again (a different split would change the batches).
     """
-    from greenrun.runtime import distributed
-    from greenrun.train import activation_checkpointing, memory, model, optimizer, precision
-
     t = cfg.trainer
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -314,7 +320,7 @@ def resolve(cfg, device: torch.device, world_size: int, log: Callable[[str], Non
         cfg.model.vocab_size,
         cfg.model.seq_len,
         device,
-        lambda: precision.autocast(cfg.precision.name, device),
+        lambda: precision.get(cfg.precision.name).autocast(device),
     )
     try:
         choice = auto_micro_batch(
@@ -333,5 +339,4 @@ def resolve(cfg, device: torch.device, world_size: int, log: Callable[[str], Non
         )
     finally:
         steps.close()
-    t.micro_batch_size, t.grad_accum_steps = choice.micro_batch, choice.grad_accum_steps
     return choice

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from greenrun.core import checks
+from greenrun.core.fields import maths
 
 # torchao's Float8LinearRecipeName values. rowwise_with_gw_hp keeps the weight-gradient matmul in
 # high precision: the most accurate and the slowest of the three.
@@ -34,9 +35,9 @@ FP8_DIM_MULTIPLE = 16
 
 @dataclass
 class Fp8Config:
-    recipe: str = "tensorwise"  # tensorwise (one scale per tensor, fastest) | rowwise | rowwise_with_gw_hp
-    min_width: int = 2048  # convert an nn.Linear only if in_features and out_features are both >= this; >= 16
-    lm_head: bool = False  # fp8 for the tied output head; unsupported, must stay false (see validate)
+    recipe: str = maths("tensorwise")  # tensorwise (per-tensor scale, fastest) | rowwise | rowwise_with_gw_hp
+    min_width: int = maths(2048)  # convert an nn.Linear only if in and out features are both >= this (>= 16)
+    lm_head: bool = maths(False)  # fp8 for the tied output head; unsupported, must stay false (see validate)
 
 
 def validate(cfg: Fp8Config) -> list[str]:

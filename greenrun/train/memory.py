@@ -2,15 +2,16 @@
 
 Notation: B = micro-batch, T = sequence length, C = n_embd, H = n_head, L = n_layer, V = vocab_size,
 Vp = padded vocab, N = unique parameter count (tied head counted once), a = bytes per activation
-element (4 in fp32, 2 under fp16/bf16/fp8 autocast), r = 4 = bytes per residual-stream element
-(parameters stay fp32 under autocast, so the embeddings and every residual add stay fp32 too).
+element (the precision option's act_bytes: 4 in fp32, 2 under fp16/bf16/fp8 autocast), r = 4 = bytes
+per residual-stream element (parameters stay fp32 under autocast, so the embeddings and every residual
+add stay fp32 too).
 
 Weights, gradients, optimizer (parameters are fp32 master copies in every precision):
     params          = 4 N, plus 2 bytes per matmul weight element (12 L C^2 + Vp C) under autocast,
                       because autocast caches one half-precision copy of each weight for the step
     grads           = 4 N
-    optimizer_state = adamw: 8 N (two fp32 moments); adafactor: 4 (rows + cols) per 2-D parameter and
-                      4 n per 1-D one; sgd: 0
+    optimizer_state = what the optimizer option keeps for N parameters (its state_bytes; adamw: 8 N,
+                      two fp32 moments)
 
 Activations, bytes per token, counted from what autograd saves in ``greenrun.train.model.Block``:
     "none" block      2 C r   LayerNorm inputs (ln_1: the block input; ln_2: after the attention add)
@@ -47,13 +48,14 @@ bytes autograd actually saves (tests/test_memory.py): within 1% for every recomp
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
-import torch
+from greenrun.core.registry import Registry
+from greenrun.train.model import ModelConfig, count_params, padded_vocab
+from greenrun.train.optimizer import OPTIMIZERS
+from greenrun.train.precision import PRECISIONS
 
-from greenrun.train.model import GPT, ModelConfig, count_params, padded_vocab
-
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-OPTIMIZERS = ("adamw", "adafactor", "sgd")
+Option = TypeVar("Option")
 SHARDING = ("none", "optimizer", "full")
 GiB = 2**30
 
@@ -62,7 +64,7 @@ GiB = 2**30
 class MemoryEstimate:
     params: int  # bytes: fp32 master weights (+ autocast's half-precision weight copies)
     grads: int  # bytes: fp32 gradients
-    optimizer_state: int  # bytes: optimizer moments / factored statistics
+    optimizer_state: int  # bytes: what the optimizer keeps between steps (AdamW: two moments)
     activations: int  # bytes: what the blocks save from forward until backward
     logits: int  # bytes: what the lm head + cross-entropy save from forward until backward
     transient: int  # bytes: largest short-lived buffer in backward (recompute or loss gradients)
@@ -96,22 +98,15 @@ def block_bytes_per_token(model_cfg: ModelConfig, mode: str, precision: str) -> 
 
 
 def _act_bytes(precision: str) -> int:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-    return 4 if precision == "fp32" else 2
+    return _option(PRECISIONS, precision).act_bytes
 
 
-def _optimizer_bytes(model_cfg: ModelConfig, optimizer: str, n_params: int) -> int:
-    if optimizer == "adamw":
-        return 8 * n_params
-    if optimizer == "sgd":
-        return 0
-    if optimizer == "adafactor":
-        # Shapes come from a meta-device model: exact and allocation-free, even for gpt2-xl.
-        with torch.device("meta"):
-            shapes = [p.shape for p in GPT(model_cfg).parameters()]
-        return sum(4 * (s[0] + s[1]) if len(s) == 2 else 4 * s.numel() for s in shapes)
-    raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+def _option(registry: Registry[Option], name: str) -> Option:
+    # A bad argument, not a bad lookup: ValueError, worded like the config validation's message.
+    problems = registry.problems(name)
+    if problems:
+        raise ValueError(problems[0])
+    return registry.get(name)
 
 
 def estimate(
@@ -146,7 +141,7 @@ def estimate(
     n = count_params(model_cfg, non_embedding=False)
     params = 4 * n + (2 * (12 * L * C * C + Vp * C) if a < 4 else 0)
     grads = 4 * n
-    optimizer_state = _optimizer_bytes(model_cfg, optimizer, n)
+    optimizer_state = _option(OPTIMIZERS, optimizer).state_bytes(n)
     if shard in ("optimizer", "full"):
         optimizer_state //= world_size
     if shard == "full":

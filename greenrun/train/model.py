@@ -1,7 +1,8 @@
 """A GPT-2-style decoder-only transformer.
 
-Reads top to bottom: config and presets, the fused chunked loss, the transformer pieces, the GPT
-module itself, and finally the helpers (parameter and FLOP counts, sampling) that the launcher uses.
+Reads top to bottom: config and presets (conf/model/*.yaml), the fused chunked loss, the transformer
+pieces, the GPT module itself, and finally the helpers (parameter and FLOP counts, sampling) that the
+launcher uses.
 Parameter names follow GPT-2 (``wte``, ``wpe``, ``h.N.attn.c_attn`` ...) so checkpoints map 1:1.
 """
 
@@ -10,11 +11,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from greenrun.core import shipped
+from greenrun.core.fields import maths
 
 # Embedding rows are padded to a multiple of this so the lm-head matmul hits fast GPU tile sizes.
 VOCAB_MULTIPLE = 64
@@ -22,15 +27,15 @@ VOCAB_MULTIPLE = 64
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # preset name: tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
-    n_layer: int = 4  # number of transformer blocks, >= 1
-    n_head: int = 4  # attention heads per block; must divide n_embd
-    n_embd: int = 128  # residual stream width (hidden size), channels
-    seq_len: int = 256  # context length, tokens
-    vocab_size: int = 4096  # tokenizer vocabulary; embedding rows padded up to a multiple of 64
-    dropout: float = 0.0  # dropout probability in [0, 1); 0 for pretraining
-    bias: bool = True  # use biases in Linear and LayerNorm layers, as GPT-2 does
-    loss_chunk: int = 0  # tokens per chunk of the fused linear + cross-entropy; 0 = plain loss
+    name: str = maths("tiny")  # preset name: tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    n_layer: int = maths(4)  # number of transformer blocks, >= 1
+    n_head: int = maths(4)  # attention heads per block; must divide n_embd
+    n_embd: int = maths(128)  # residual stream width (hidden size), channels
+    seq_len: int = maths(128)  # context length, tokens
+    vocab_size: int = maths(4096)  # tokenizer vocabulary; embedding rows padded up to a multiple of 64
+    dropout: float = maths(0.0)  # dropout probability in [0, 1); 0 for pretraining
+    bias: bool = maths(True)  # use biases in Linear and LayerNorm layers, as GPT-2 does
+    loss_chunk: int = maths(0)  # tokens per chunk of the fused linear + cross-entropy; 0 = plain loss
 
     @property
     def padded_vocab(self) -> int:
@@ -42,20 +47,9 @@ def padded_vocab(cfg: ModelConfig) -> int:
     return -(-cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=256, vocab_size=4096),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, seq_len=1024, vocab_size=50257),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, seq_len=1024, vocab_size=50257),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, seq_len=1024, vocab_size=50257),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """A ModelConfig for a named preset, with optional field overrides."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-    return ModelConfig(name=name, **{**PRESETS[name], **overrides})
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of conf/model/<name>.yaml (the only place presets live), with field overrides."""
+    return ModelConfig(**{"name": name, **shipped.load_option("model", name), **overrides})
 
 
 # --- Fused linear + cross-entropy ----------------------------------------------------------------

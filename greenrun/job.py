@@ -1,0 +1,254 @@
+"""One run's life, from a typed Config to a typed result: smoke, train, resume and archive.
+
+The CLI turns argv into a Config and calls one function here; everything a run does between those two points
+lives in this module, in order: preflight, distributed setup, the auto micro-batch, the data, the saved config,
+the bucket mirror, the Trainer, the outcome. Known failures become a JobResult, never a traceback:
+
+    result = job.guarded(lambda: job.train(cfg))
+    sys.exit(result.exit_code)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from greenrun import config, data, runs, smoke
+from greenrun.ckpt import checkpoint
+from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.config import Config, ConfigError
+from greenrun.core.fs import atomic_write
+from greenrun.core.output import Reporter
+from greenrun.data import DataError
+from greenrun.runtime import distributed
+from greenrun.runtime.spot import EXIT_ABORTED, EXIT_PREEMPTED, PreemptionAbort
+from greenrun.train import autobatch
+from greenrun.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.IntEnum):
+    """How a job ended; the value is the process exit code."""
+
+    OK = 0  # finished, stopped at trainer.stop_at_step, or a smoke test that passed
+    FAILED = 1  # a runtime failure (a failed preflight or smoke test, a broken checkpoint, a crash)
+    USAGE = 2  # bad configuration or usage: nothing was started
+    PREEMPTED = EXIT_PREEMPTED  # 75: an emergency checkpoint was committed; resume it
+    ABORTED = EXIT_ABORTED  # 76: the deadline passed or a second signal came; resume from the previous one
+    INTERRUPTED = 130  # Ctrl-C before training started
+
+
+@dataclass
+class JobResult:
+    outcome: Outcome
+    message: str = ""  # what went wrong, for the user (empty on success)
+    run_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # train: what summary.json holds
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.outcome)
+
+
+def guarded(fn: Callable[[], JobResult]) -> JobResult:
+    """Known failures become one message and an outcome; a traceback only with GREENRUN_DEBUG=1."""
+    try:
+        return fn()
+    except (ConfigError, DataError) as e:
+        return JobResult(Outcome.USAGE, str(e))
+    except CheckpointError as e:
+        return JobResult(Outcome.FAILED, f"checkpoint: {e}")
+    except PreemptionAbort as e:
+        return JobResult(Outcome.ABORTED, f"aborted: {e}")
+    except KeyboardInterrupt:
+        return JobResult(Outcome.INTERRUPTED, "interrupted")
+    except Exception as e:
+        if os.environ.get("GREENRUN_DEBUG"):
+            raise
+        return JobResult(
+            Outcome.FAILED, f"failed: {type(e).__name__}: {e}\n(set GREENRUN_DEBUG=1 to see the traceback)"
+        )
+
+
+# --- smoke ---------------------------------------------------------------------------------------------
+
+
+def run_smoke(cfg: Config, reporter: Reporter | None = None) -> JobResult:
+    result = smoke.run(cfg)
+    smoke.print_result(result, cfg, reporter or Reporter())
+    if result.passed:
+        return JobResult(Outcome.OK)
+    return JobResult(Outcome.FAILED, f"smoke test failed: {result.reason}")
+
+
+# --- train ---------------------------------------------------------------------------------------------
+
+
+def resolve_micro_batch(cfg: Config, dist: distributed.Dist) -> Config:
+    """A copy of cfg with trainer.micro_batch_size=auto replaced by probed numbers (cfg itself is unchanged).
+
+    Runs before the real model exists, so the probe finds the device as empty as training will; the numbers
+    go into config.yaml, so a resume reuses them instead of probing again (another split would change batches).
+    """
+    if cfg.trainer.micro_batch_size != "auto":
+        return cfg
+    choice = autobatch.resolve(cfg, dist.device, dist.world_size, log.info)
+    trainer = dataclasses.replace(
+        cfg.trainer, micro_batch_size=choice.micro_batch, grad_accum_steps=choice.grad_accum_steps
+    )
+    return dataclasses.replace(cfg, trainer=trainer)
+
+
+def _dataset(cfg: Config, resume_from: Path | None) -> data.Dataset:
+    """The token cache a checkpoint was trained on (resume), else the one cfg.data builds."""
+    if resume_from is not None:
+        key = checkpoint.read_manifest(resume_from).get("data_cache_key", "")
+        cache = Path(cfg.data.cache_dir).expanduser() / key[:16] if key else None
+        if cache is not None and (cache / "meta.json").is_file():
+            return data.Dataset(cache)
+    return data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+
+
+def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
+    """Preflight, then train cfg in cfg.run.dir (continuing the checkpoint `resume_from` when given)."""
+    run_dir = Path(cfg.run.dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    reporter = Reporter(enabled=is_main)
+    if cfg.preflight and resume_from is None:
+        result = smoke.run(cfg)
+        smoke.print_result(result, cfg, reporter)
+        if not result.passed:
+            return JobResult(
+                Outcome.FAILED, "preflight failed; fix the config (or skip the check with preflight=false)"
+            )
+    dist = distributed.setup(cfg.trainer.device)
+    try:
+        cfg = resolve_micro_batch(cfg, dist)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dataset = _dataset(cfg, resume_from)
+        remote, uploader = None, None
+        if dist.is_main:
+            atomic_write(run_dir / "config.yaml", config.to_yaml(cfg))
+            remote = runs.open_remote(cfg, run_dir)
+            uploader = runs.start_mirror(remote, run_dir, dataset.cache_path, cfg)
+        trainer = Trainer(cfg, run_dir, dist=dist, data_set=dataset, uploader=uploader, reporter=reporter)
+    except BaseException:
+        distributed.teardown()
+        raise
+    try:
+        if resume_from is not None:
+            trainer.resume_from(resume_from)
+            log.info(f"resumed from {resume_from} at step {trainer.step}")
+        result = trainer.train()
+        if result["preempted"]:
+            log.info(f"preempted at step {result['step']}; continue with: greenrun resume {run_dir}")
+            return JobResult(Outcome.PREEMPTED, run_dir=run_dir, summary=result)
+        sample = trainer.sample() if result["finished"] else ""
+        summary = {**result, "sample": sample}
+        if dist.is_main:
+            atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
+            trainer.export_weights()
+        if result["finished"]:
+            reporter.summary(result, str(run_dir), sample)
+        else:
+            log.info(f"stopped at step {result['step']}; continue with: greenrun resume {run_dir}")
+        return JobResult(Outcome.OK, run_dir=run_dir, summary=summary)
+    finally:
+        trainer.close()
+        if remote is not None:
+            remote.prune(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+
+
+def train_or_continue(cfg: Config) -> JobResult:
+    """`train … resume=auto`: continue run.dir if it holds a run (a scheduler re-running the command)."""
+    run_dir = Path(cfg.run.dir)
+    if cfg.resume == "auto" and (run_dir / "config.yaml").is_file():
+        return continue_run(config.load_yaml(run_dir / "config.yaml"), cfg, run_dir, missing_ok=True)
+    return train(cfg)
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+
+def resume(target: str, overrides: list[str]) -> JobResult:
+    """Continue RUN_DIR or s3://bucket/prefix/run from its newest valid checkpoint, with its saved config."""
+    problems = config.check_overrides(overrides)
+    if problems:
+        raise ConfigError(problems)
+    if target.startswith("s3://"):
+        saved, run_dir, overrides = runs.restore(target, overrides)
+    else:
+        run_dir = Path(target)
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise ConfigError(
+                [
+                    f"{saved_path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"
+                ]
+            )
+        saved = config.load_yaml(saved_path)
+    # stop_at_step ended the last slice; a resume runs on unless the command line sets a new stop.
+    saved = dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, stop_at_step=None))
+    cfg = config.apply_overrides(saved, overrides)
+    return continue_run(saved, cfg, run_dir, missing_ok=False)
+
+
+def continue_run(saved: Config, cfg: Config, run_dir: Path, missing_ok: bool) -> JobResult:
+    """Resume run_dir with cfg, refusing math changes from `saved` unless allowed; start fresh if allowed."""
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
+    config.validate(cfg)
+    changed = [(k, a, b) for k, a, b in config.diff(saved, cfg) if config.is_math_key(k)]
+    if changed and not cfg.allow_config_change:
+        lines = [f"{k}: {a!r} (saved) -> {b!r}" for k, a, b in changed]
+        raise ConfigError(
+            [
+                "these overrides change the training math of a run in progress:\n      "
+                + "\n      ".join(lines)
+                + "\n    add allow_config_change=true to continue anyway (the run is then no longer exact)"
+            ]
+        )
+    path = checkpoint.latest_valid(run_dir / "checkpoints", warn=log.warning)
+    if path is None:
+        if missing_ok:
+            return train(cfg)
+        raise CheckpointError(f"no valid checkpoint under {run_dir / 'checkpoints'}; nothing to resume")
+    manifest = checkpoint.read_manifest(path)
+    problems = []
+    if manifest.get("config_hash") != config.math_hash(cfg):
+        problems.append(f"{path}: written by a different configuration (hash {manifest.get('config_hash')})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if manifest.get("world_size", world) != world:
+        problems.append(
+            f"{path}: written by {manifest['world_size']} process(es), resuming with {world}: the global batch "
+            "(micro x accum x world) and the batches each rank draws would change"
+        )
+    if problems and not cfg.allow_config_change:
+        raise ConfigError([*problems, "add allow_config_change=true to continue anyway"])
+    return train(cfg, resume_from=path)
+
+
+# --- archive -------------------------------------------------------------------------------------------
+
+
+def archive(
+    target: str, older_than_days: float, storage_class: str, storage_overrides: list[str]
+) -> JobResult:
+    """Move a run's old checkpoints in its bucket to a colder storage class (newest and best stay hot)."""
+    if target.startswith("s3://"):
+        remote = runs.remote_for_url(target, storage_overrides)
+    else:
+        saved = config.apply_overrides(config.load_yaml(Path(target) / "config.yaml"), storage_overrides)
+        remote = runs.open_remote(saved, Path(target))
+        if remote is None:
+            raise ConfigError([f"{target}: this run has storage=local; archive moves S3 checkpoints only"])
+    moved = remote.archive(older_than_days, storage_class)
+    log.info(f"archived {len(moved)} checkpoint(s) to {storage_class}: {moved}")
+    return JobResult(Outcome.OK, summary={"archived": moved})
