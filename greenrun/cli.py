@@ -11,9 +11,13 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from greenrun import config, job
 from greenrun.core import checks, output
+
+if TYPE_CHECKING:
+    from greenrun import job
 
 log = logging.getLogger("greenrun")
 
@@ -66,7 +70,14 @@ def _usage_error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     output.setup(main=int(os.environ.get("RANK", "0")) == 0)
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:  # Ctrl-C while starting up (importing torch takes seconds): no traceback
+        log.error("interrupted")
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         output.say(USAGE)
         return EXIT_OK if argv else EXIT_USAGE
@@ -84,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         output.say(help_text(command))
         return EXIT_OK
+    # The whole stack (torch included) loads only once a command is known to run.
+    from greenrun import job
+
     if command == "resume":
         return _finish(job.guarded(lambda: _resume(rest)))
     if command == "archive":
@@ -109,7 +123,9 @@ def _overrides(args: list[str]) -> list[str]:
 def _compose_and_run(command: str, args: list[str]) -> int:
     import hydra
 
-    problems = config.check_overrides(_overrides(args))
+    from greenrun import config, job
+
+    problems = config.check_overrides(_overrides(args)) + _searchpath_problems(_overrides(args))
     fleet = os.environ.get("GREENRUN_PRECISION")
     if fleet is not None:
         problems += checks.choice(
@@ -146,8 +162,14 @@ def _task(command: str, dcfg) -> job.JobResult:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from greenrun import config, job
+
+    hydra_cfg = HydraConfig.get()
     with open_dict(dcfg):
-        dcfg.run.dir = HydraConfig.get().runtime.output_dir  # resolved once: ${now:} would drift
+        # Resolved once (${now:} would drift). A sweep job's directory is Hydra's numbered one; a single run's
+        # is run.dir itself, which nothing creates before training starts (a failed check leaves no trace).
+        multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+        dcfg.run.dir = hydra_cfg.runtime.output_dir if multirun else str(dcfg.run.dir)
     cfg = config.to_typed(dcfg)
     config.validate(cfg, check_device=command != "smoke")
     if command == "smoke":
@@ -159,6 +181,8 @@ def _task(command: str, dcfg) -> job.JobResult:
 
 
 def _resume(args: list[str]) -> job.JobResult:
+    from greenrun import config, job
+
     positional = [a for a in args if "=" not in a and not a.startswith(("-", "~", "+"))]
     overrides = [a for a in args if a not in positional]
     if len(positional) > 1:
@@ -167,6 +191,8 @@ def _resume(args: list[str]) -> job.JobResult:
 
 
 def _archive(args: list[str]) -> job.JobResult:
+    from greenrun import config, job
+
     opts = {"older_than_days": "30", "storage_class": "GLACIER_IR"}
     positional = [a for a in args if "=" not in a]
     for a in args:
@@ -204,7 +230,34 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _searchpath_problems(overrides: list[str]) -> list[str]:
+    """YAML errors in the user's recipe folders, named by file and line (Hydra would print a long traceback)."""
+    import yaml
+
+    problems = []
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key.lstrip("+") != "hydra.searchpath":
+            continue
+        for entry in value.strip("[]").split(","):
+            folder = Path(entry.strip().strip("'\"").removeprefix("file://"))
+            for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+                try:
+                    yaml.safe_load(path.read_text())
+                except yaml.YAMLError as e:
+                    mark = getattr(e, "problem_mark", None)
+                    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+                    problems.append(
+                        f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix that line"
+                    )
+                except (OSError, UnicodeDecodeError) as e:
+                    problems.append(f"{path}: cannot be read ({e})")
+    return problems
+
+
 def help_text(command: str) -> str:
+    from greenrun import config
+
     lines = [USAGE, "config groups (choose with group=option; +recipe=NAME adds a preset):"]
     for group, options in config.groups().items():
         lines.append(f"  {group:<26} {', '.join(options)}")

@@ -92,8 +92,9 @@ def test_every_option_composes(group, option):
 @pytest.mark.parametrize("recipe", config.groups()["recipe"])
 def test_every_recipe_composes_and_says_how_to_run_it(recipe):
     path = config.recipes_dir() / f"{recipe}.yaml"
-    first = path.read_text().splitlines()[0]
-    assert first == f"# Run: greenrun train +recipe={recipe}"
+    header, command = path.read_text().splitlines()[:2]
+    assert header == "# @package _global_"  # Hydra reads the package header on the first line only
+    assert command == f"# Run: greenrun train +recipe={recipe}"
     cfg = typed([f"+recipe={recipe}"])
     # Its keys (package _global_) and its `override /group: option` defaults both take effect.
     assert_applied(cfg, yaml_sets(path), "", [])

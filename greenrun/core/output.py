@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(highlight=False)  # stdout: progress, summaries, INFO messages
-err_console = Console(stderr=True, highlight=False)  # stderr: warnings and errors
+# soft_wrap: a log file keeps each line whole, so commands and paths copy and paste.
+console = Console(highlight=False, soft_wrap=True)  # stdout: progress, summaries, INFO messages
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: warnings and errors
 
 
 class _ConsoleHandler(logging.Handler):

@@ -39,7 +39,7 @@ _BATCH_CHARS = 4_000_000  # text per encode_batch call: enough to keep every cor
 def _cache_key(cfg: DataConfig, vocab_size: int, docs: list[Doc]) -> tuple[str, dict]:
     text_hash, names = hashlib.sha256(), []
     n_chars = 0
-    for doc, text in iter_texts(docs, cfg.max_chars):
+    for doc, text in iter_texts(docs, cfg.max_chars, cfg.encoding, cfg.encoding_errors):
         data = text.encode("utf-8")
         # Length-prefixed, so ("ab", "c") and ("a", "bc") hash differently.
         text_hash.update(f"{doc.rel}\0{len(data)}\0".encode() + data)
@@ -69,11 +69,11 @@ def _train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _batches(docs: list[Doc], max_chars: int) -> Iterator[list[tuple[str, bool]]]:
+def _batches(docs: list[Doc], cfg: DataConfig) -> Iterator[list[tuple[str, bool]]]:
     """Lists of (piece, ends_document), ~_BATCH_CHARS of text each. Long documents are cut at
     newlines so that one huge file is never tokenized in one go: memory stays bounded."""
     batch, chars = [], 0
-    for _, text in iter_texts(docs, max_chars):
+    for _, text in iter_texts(docs, cfg.max_chars, cfg.encoding, cfg.encoding_errors):
         start = 0
         while start < len(text):
             end = len(text)
@@ -105,11 +105,11 @@ def _build_into(
     tmp: Path, cfg: DataConfig, vocab_size: int, docs: list[Doc], key: str, summary: dict
 ) -> None:
     t0 = time.perf_counter()
-    pieces = (piece for batch in _batches(docs, cfg.max_chars) for piece, _ in batch)
+    pieces = (piece for batch in _batches(docs, cfg) for piece, _ in batch)
     tok = _train_tokenizer(pieces, vocab_size)
     tok.save(str(tmp / "tokenizer.json"))
     dtype = np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
-    total = _encode_stream(tok, _batches(docs, cfg.max_chars), tmp / "stream.bin", dtype)
+    total = _encode_stream(tok, _batches(docs, cfg), tmp / "stream.bin", dtype)
     n_val = math.ceil(total * cfg.val_fraction)  # the tail, so val text is never seen in training
     if total - n_val < 1:
         raise DataError(f"corpus too small: {total} tokens — add text or raise data.max_chars")

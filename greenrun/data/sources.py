@@ -6,8 +6,10 @@ cache key. The expensive work on their text (tokenizer, shards) happens in green
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
+import logging
 import math
 import os
 import re
@@ -16,8 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from greenrun.core.checks import choice
 from greenrun.core.fields import maths, plain
 from greenrun.core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ENCODING_ERRORS = ("strict", "replace", "skip")
+_SNIFF_BYTES = 8192  # text files have no NUL byte in their first 8 KiB; binaries nearly always do
 
 
 class DataError(ValueError):
@@ -27,11 +35,13 @@ class DataError(ValueError):
 @dataclass
 class DataConfig:
     source: str = maths("stdlib")  # stdlib (this Python's standard library, no download) | text (data.paths)
-    paths: list[str] = maths(factory=list)  # files or globs (** recurses) for source=text; ~ ok
+    paths: list[str] = maths(factory=list, local=True)  # files or globs (** recurses) for source=text; ~ ok
     max_chars: int = maths(4_000_000)  # cap on corpus characters read (0 = no cap); keeps CPU runs fast
     val_fraction: float = maths(0.05)  # share of tokens held out for validation (the stream tail), in (0, 1)
-    cache_dir: str = plain("~/.cache/greenrun")  # tokenizer + token shards, keyed by text and settings
+    cache_dir: str = plain("~/.cache/greenrun", local=True)  # tokenizer + token shards, keyed by text and settings
     shard_tokens: int = maths(16_777_216)  # tokens per memory-mapped shard; batch windows never cross one
+    encoding: str = maths("utf-8")  # text encoding of the data.paths files, e.g. latin-1 or cp1252
+    encoding_errors: str = maths("strict")  # a file that does not decode: strict (refuse) | replace | skip
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,11 @@ def validate(cfg: DataConfig) -> list[str]:
         problems.append(f"data.val_fraction: must be in (0, 1), e.g. 0.05, got {cfg.val_fraction}")
     if cfg.shard_tokens < 2:
         problems.append(f"data.shard_tokens: must be >= 2, got {cfg.shard_tokens}")
+    problems += choice("data.encoding_errors", cfg.encoding_errors, ENCODING_ERRORS)
+    try:
+        codecs.lookup(cfg.encoding)
+    except LookupError:
+        problems.append(f"data.encoding: unknown encoding {cfg.encoding!r}; e.g. utf-8, latin-1, cp1252")
     return problems
 
 
@@ -194,16 +209,53 @@ class Text(Source):
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def iter_texts(docs: list[Doc], max_chars: int) -> Iterator[tuple[Doc, str]]:
-    """Non-empty document texts in order, the last one cut so the total is at most max_chars."""
+def _decode(doc: Doc, raw: bytes, encoding: str, errors: str) -> str | None:
+    """The text of a data.paths file; None to leave it out (encoding_errors=skip). Binary files are refused."""
+    if b"\0" in raw[:_SNIFF_BYTES]:
+        raise DataError(
+            f"data.paths[{doc.entry}]: {doc.path} looks binary (NUL bytes), not text; "
+            "leave it out of data.paths (a narrower glob, e.g. '**/*.txt')"
+        )
+    try:
+        return raw.decode(encoding, errors="strict")
+    except UnicodeDecodeError as e:
+        if errors == "replace":
+            return raw.decode(encoding, errors="replace")
+        if errors == "skip":
+            log.warning(f"data.paths[{doc.entry}]: left out {doc.path}: not {encoding} at byte {e.start}")
+            return None
+        raise DataError(
+            f"data.paths[{doc.entry}]: {doc.path} is not {encoding} text (byte {e.start}: {e.reason}); set "
+            "data.encoding (e.g. latin-1), or data.encoding_errors=replace or skip"
+        ) from None
+
+
+def iter_texts(
+    docs: list[Doc], max_chars: int, encoding: str = "utf-8", errors: str = "strict"
+) -> Iterator[tuple[Doc, str]]:
+    """Non-empty document texts in order, the last one cut so the total is at most max_chars.
+
+    The stdlib is read as strict UTF-8 and a file that does not decode is left out; data.paths files follow
+    data.encoding and data.encoding_errors.
+    """
     budget = max_chars or math.inf
     for doc in docs:
         try:
-            text = doc.path.read_bytes().decode("utf-8", errors="strict" if doc.entry < 0 else "replace")
-        except (OSError, UnicodeDecodeError) as e:
+            raw = doc.path.read_bytes()
+        except OSError as e:
             if doc.entry < 0:
                 continue  # a stdlib file that changed since it was listed: leave it out as the listing would
             raise DataError(f"data.paths[{doc.entry}]: cannot read {doc.path}: {e}") from e
+        if doc.entry < 0:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # a few stdlib files use legacy encodings; leaving them out keeps the text clean
+        else:
+            decoded = _decode(doc, raw, encoding, errors)
+            if decoded is None:
+                continue
+            text = decoded
         text = text[: int(min(len(text), budget))]
         if text:
             budget -= len(text)

@@ -1,0 +1,114 @@
+"""Bad input gets one clear message naming the key or file, the right exit code and no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from greenrun.core import shipped
+from tests.common import run_cli
+
+
+def test_ctrl_c_while_starting_up_prints_no_traceback(tiny: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for delay in (0.5, 1.5, 3.0):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "greenrun", "train", *tiny, f"run.dir={tmp_path / str(delay)}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert "Traceback" not in out + err, err[-3000:]
+        # Before training a Ctrl-C is "interrupted" (130); once training runs it is a preemption (75). A signal
+        # that beats the interpreter's own start-up kills it outright (-SIGINT), which prints nothing either.
+        assert proc.returncode in (130, 75, -signal.SIGINT), (proc.returncode, err[-2000:])
+
+
+def test_a_yaml_mistake_in_a_user_recipe_names_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "recipe").mkdir()
+    bad = tmp_path / "recipe" / "broken.yaml"
+    bad.write_text("# @package _global_\ntrainer:\n  max_steps: 3\n   eval_interval: [1, 2\n")
+    r = run_cli("train", f"hydra.searchpath=[file://{tmp_path}]", "+recipe=broken", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"{bad}:4" in r.stderr and "not valid YAML" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_a_shipped_recipe_copied_into_a_searchpath_works_as_a_user_recipe(tmp_path: Path) -> None:
+    (tmp_path / "recipe").mkdir()
+    shutil.copy(shipped.recipes_dir() / "bf16_ckpt.yaml", tmp_path / "recipe" / "mine.yaml")
+    r = run_cli(
+        "train", f"hydra.searchpath=[file://{tmp_path}]", "+recipe=mine", "--cfg", "job", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert "name: bf16" in r.stdout and "policy: full" in r.stdout
+
+
+def test_binary_input_is_refused_naming_the_file(tiny: list[str], tmp_path: Path) -> None:
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(bytes(range(256)) * 64)
+    r = run_cli(
+        "train", *tiny, "data=text", f"data.paths=[{blob}]", f"run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert r.returncode == 2, r.stderr
+    assert str(blob) in r.stderr and "binary" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_utf8_text_is_refused_unless_an_encoding_or_policy_is_set(
+    tiny: list[str], tmp_path: Path
+) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("def add(a, b):\n    return a + b\n" * 4000)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème brûlée\n".encode("latin-1") * 2000)
+    common = [*tiny, "data=text", f"data.paths=[{tmp_path}/*.txt]", "preflight=false", "trainer.max_steps=1"]
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert r.returncode == 2 and str(latin) in r.stderr and "data.encoding" in r.stderr, r.stderr
+    r = run_cli("train", *common, "data.encoding_errors=skip", f"run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"left out {latin}" in r.stderr
+    r = run_cli("train", *common, "data.encoding=latin-1", f"run.dir={tmp_path / 'c'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # both files decode as latin-1 (ASCII is a subset)
+
+
+def test_a_bad_endpoint_url_is_a_config_error_before_the_preflight(tmp_path: Path) -> None:
+    r = run_cli("train", "storage=s3", "storage.bucket=b", "storage.endpoint_url=notaurl", cwd=tmp_path)
+    assert r.returncode == 2 and "storage.endpoint_url" in r.stderr, r.stderr
+    assert "smoke" not in r.stdout.lower() and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["train", "model.n_head=3"], ["smoke", "model.n_layer=0"]])
+def test_failed_checks_and_smoke_runs_leave_no_run_directory_behind(args: list[str], tmp_path: Path) -> None:
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
+
+
+def test_ctrl_c_during_tokenisation_stops_promptly_and_publishes_no_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "greenrun", "train", "data.max_chars=0", f"data.cache_dir={cache}", "preflight=false"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4.0)  # the whole standard library takes far longer than this to tokenise on 2 cores
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    waited = time.monotonic() - t0
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert waited < 10, f"took {waited:.1f} s to act on Ctrl-C"
+    assert not list(cache.rglob("meta.json")), "an interrupted build must never look complete"
