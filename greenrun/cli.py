@@ -5,11 +5,8 @@ Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,10 +134,25 @@ def _compose_and_run(command: str, args: list[str]) -> int:
         )
     config.register()
     started = {"task": False}
+    sweep: list[tuple[str, job.JobResult]] = []  # -m: each job's overrides and result, for the final table
+    swept = {a.partition("=")[0].lstrip("+~") for a in _overrides(args) if _is_sweep(a)}
 
     def task(dcfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         started["task"] = True
-        code = _finish(job.guarded(lambda: _task(command, dcfg)))
+        hydra_cfg = HydraConfig.get()
+        mine = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")]
+        varied = [o for o in mine if o.partition("=")[0].lstrip("+~") in swept]  # what tells the jobs apart
+        label = " ".join(varied or mine) or "(defaults)"
+        multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+        if multirun:
+            log.info(f"sweep job {hydra_cfg.job.num}: {label}")
+        result = job.guarded(lambda: _task(command, dcfg))
+        sweep.append((label, result))
+        if multirun and result.summary:
+            log.info(f"sweep job {hydra_cfg.job.num} ({label}) ended: {_brief(result)}")
+        code = _finish(result)
         if code:
             sys.exit(code)
 
@@ -154,7 +166,37 @@ def _compose_and_run(command: str, args: list[str]) -> int:
         return EXIT_USAGE if code == 1 and not started["task"] else code
     finally:
         sys.argv = saved_argv
+        if len(sweep) > 1:
+            output.table(
+                "sweep",
+                ["overrides", "exit", "val loss", "tok/s", "wall s", "run directory"],
+                [
+                    [label, str(r.exit_code), *_brief(r, columns=True), str(r.run_dir or "-")]
+                    for label, r in sweep
+                ],
+            )
     return EXIT_OK
+
+
+def _is_sweep(override: str) -> bool:
+    """key=a,b / range(…) / glob(…) / choice(…): a -m sweep over that key."""
+    value = override.partition("=")[2]
+    return (
+        "," in value.strip("[]")
+        and not value.startswith("[")
+        or value.startswith(("range(", "glob(", "choice("))
+    )
+
+
+def _brief(result: job.JobResult, columns: bool = False):
+    """val loss, tok/s and wall time of a train result: one phrase, or three table cells."""
+    s = result.summary
+    val = "-" if s.get("val_loss") is None else f"{s['val_loss']:.4f}"
+    tps = f"{s['tok_per_s']:,.0f}" if "tok_per_s" in s else "-"
+    wall = f"{s['wall_s']:.1f}" if "wall_s" in s else "-"
+    if columns:
+        return [val, tps, wall]
+    return f"val loss {val}, {tps} tok/s, {wall} s"
 
 
 def _task(command: str, dcfg) -> job.JobResult:
@@ -216,20 +258,6 @@ def _archive(args: list[str]) -> job.JobResult:
 # --- help: groups, options and every key with its one-line comment -------------------------------------
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The trailing comment of each dataclass field: the source is the documentation."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    docs = {}
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2)
-    return docs
-
-
 def _searchpath_problems(overrides: list[str]) -> list[str]:
     """YAML errors in the user's recipe folders, named by file and line (Hydra would print a long traceback)."""
     import yaml
@@ -256,24 +284,15 @@ def _searchpath_problems(overrides: list[str]) -> list[str]:
 
 
 def help_text(command: str) -> str:
-    from greenrun import config
+    """Groups, options and every key with its default and meaning, without importing torch."""
+    from greenrun.core import helpdoc, shipped
 
     lines = [USAGE, "config groups (choose with group=option; +recipe=NAME adds a preset):"]
-    for group, options in config.groups().items():
+    for group, options in shipped.groups().items():
         lines.append(f"  {group:<26} {', '.join(options)}")
     lines.append("\nkeys (set with key=value; the defaults of `greenrun train` with no overrides):")
-
-    def walk(cls: type, prefix: str) -> None:
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if dataclasses.is_dataclass(default):
-                walk(type(default), f"{prefix}{f.name}.")
-                continue
-            value = default
-            lines.append(f"  {prefix + f.name:<36} {value!s:<14} {docs.get(f.name, '')}")
-
-    walk(config.Config, "")
+    for key in helpdoc.config_keys():
+        lines.append(f"  {key.name:<36} {key.default:<14} {key.doc}")
     lines.append(
         "\nYour own recipes: put NAME.yaml (starting with `# @package _global_`) in DIR/recipe/ and add "
         "hydra.searchpath=[file://DIR] +recipe=NAME."

@@ -91,3 +91,26 @@ def test_a_new_field_is_classified_where_it_is_declared():
     assert fields.math_keys(Probe()) == ["width"]
     assert fields.math_hash(Probe()) != fields.math_hash(Probe(width=9))
     assert fields.math_hash(Probe()) == fields.math_hash(Probe(every=3))
+
+
+def test_help_read_from_the_source_matches_the_real_schema():
+    """--help reads the dataclass source without importing torch; it must say what the schema holds."""
+    from greenrun.core import helpdoc
+
+    keys = helpdoc.config_keys()
+    real = {key: value for key, value, _ in fields.leaves(config.Config())}
+    assert [k.name for k in keys] == list(real)
+    for k in keys:
+        want = real[k.name]
+        assert k.default == str(want), f"{k.name}: help says {k.default}, the schema {want!r}"
+        assert k.doc, f"{k.name} has no one-line comment to show in --help"
+
+
+def test_train_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from greenrun import cli; cli.main(['train', '--help']); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("False") and "optimizer.lr" in r.stdout

@@ -71,6 +71,14 @@ def test_multirun_sweep_makes_one_run_per_value(tiny, tmp_path):
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "checkpoints" / "step-00000002" / "manifest.json").is_file()
     assert "name: bf16" in (tmp_path / "sweep" / "1" / "config.yaml").read_text()
+    # Each job's result names its overrides, and a final table compares the jobs.
+    assert "sweep job 0 (precision=fp32" in r.stdout and "sweep job 1 (precision=bf16" in r.stdout
+    table = r.stdout[r.stdout.rindex("overrides") :]
+    assert "val loss" in table and "tok/s" in table
+    for job, prec in (("0", "fp32"), ("1", "bf16")):
+        summary = json.loads((tmp_path / "sweep" / job / "summary.json").read_text())
+        row = next(line for line in table.splitlines() if f"precision={prec}" in line)
+        assert f"{summary['val_loss']:.4f}" in row and str(tmp_path / "sweep" / job) in row
 
 
 def test_append_and_delete_overrides(tiny, tmp_path):

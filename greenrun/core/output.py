@@ -16,7 +16,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 # soft_wrap: a log file keeps each line whole, so commands and paths copy and paste.
-console = Console(highlight=False, soft_wrap=True)  # stdout: progress, summaries, INFO messages
+# Off a terminal there is no width to fit: tables get room for whole paths instead of 80 columns.
+_LOG_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(highlight=False, soft_wrap=True, width=_LOG_WIDTH)  # stdout: progress, summaries, INFO
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr: warnings and errors
 
 
@@ -44,6 +46,16 @@ def say(text: str) -> None:
     """Plain text a command was asked for (help, usage, a result line): stdout, never wrapped."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     sys.stdout.flush()
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A comparison table on stdout (e.g. the jobs of a sweep)."""
+    out = Table(title=title)
+    for name in header:
+        out.add_column(name)
+    for row in rows:
+        out.add_row(*row)
+    console.print(out)
 
 
 class Reporter:

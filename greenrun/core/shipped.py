@@ -41,3 +41,10 @@ def load_option(group: str, name: str) -> dict[str, Any]:
     assert isinstance(values, dict)
     values.pop("defaults", None)
     return values
+
+
+def groups() -> dict[str, list[str]]:
+    """Every config group and its options (the YAML files), the recipes included."""
+    found = {d.name: option_names(d.name) for d in sorted(conf_dir().iterdir()) if d.is_dir()}
+    found["recipe"] = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    return found
