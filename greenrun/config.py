@@ -5,10 +5,12 @@ The DictConfig stops in this module and cli.py: everything below them receives t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override
@@ -21,16 +23,17 @@ from greenrun.core import checks, fields
 from greenrun.core.fields import maths, plain
 from greenrun.core.shipped import conf_dir, recipes_dir
 from greenrun.data import DataConfig
-from greenrun.runtime import energy, spot
+from greenrun.runtime import energy, profiling, spot
 from greenrun.runtime.energy import EnergyConfig
 from greenrun.runtime.spot import SpotConfig
 from greenrun.storage import StorageConfig
-from greenrun.train import activation_checkpointing, optimizer, precision, schedule
+from greenrun.train import activation_checkpointing, optimizer, precision, schedule, target
 from greenrun.train.activation_checkpointing import ActivationCheckpointingConfig
 from greenrun.train.model import ModelConfig
 from greenrun.train.optimizer import OptimizerConfig
 from greenrun.train.precision import PrecisionConfig
 from greenrun.train.schedule import ScheduleConfig
+from greenrun.train.target import SmokeConfig
 
 
 class ConfigError(ValueError):
@@ -62,6 +65,8 @@ class TrainerConfig:
     stop_at_step: int | None = plain(None)  # commit a checkpoint at this step and exit 0 (train in slices)
     compile: bool | None = plain(None)  # torch.compile the model; None = on for CUDA
     sample_tokens: int = plain(120)  # tokens generated for the sample printed at the end (0 = none)
+    sample_prompt: str = plain("")  # the sample's prompt; "" = the data source's own (stdlib: "def ")
+    cpu_threads: int = plain(0)  # torch intra-op threads on a CPU; 0 = OMP_NUM_THREADS if set, else the cores
     profile_every: int = plain(0)  # run the torch profiler for profile_steps steps every N steps (0 = off)
     profile_steps: int = plain(3)  # steps per profiler window; traces land in RUN_DIR/profile/
 
@@ -69,7 +74,9 @@ class TrainerConfig:
 @dataclass
 class RunConfig:
     # The one default not written here: `greenrun train` names a new directory after its start time.
-    dir: str = plain("runs/default")  # this run's output directory: config.yaml, metrics.jsonl, checkpoints/
+    dir: str = plain(
+        "runs/default", local=True
+    )  # this run's output directory: config.yaml, metrics.jsonl, checkpoints/
 
 
 @dataclass
@@ -88,6 +95,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    smoke: SmokeConfig = field(default_factory=SmokeConfig)
     preflight: bool = plain(True)  # run the two-step CPU smoke check before training
     resume: str = plain("never")  # train: never | auto (continue run.dir from its newest valid checkpoint)
     allow_config_change: bool = plain(False)  # resume: accept overrides that change the training math
@@ -191,12 +199,13 @@ def to_typed(cfg: DictConfig) -> Config:
     return typed
 
 
-def validate(cfg: Config, check_device: bool = True) -> None:
+def validate(cfg: Config, check_device: bool = True, need_corpus: bool = True) -> None:
     """Collect every problem, component by component, and raise once.
 
     `check_device=False` for the smoke test, which runs a GPU config on the CPU on purpose.
+    `need_corpus=False` for a resume whose token cache is here: the corpus is not read, so data.paths may be unset.
     """
-    problems: list[str] = []
+    problems: list[str] = fields.interpolation_problems(fields.flatten(cfg))
     problems += schedule.validate(cfg.schedule)
     problems += optimizer.validate(cfg.optimizer)
     precision_problems = precision.validate(cfg.precision)
@@ -205,9 +214,10 @@ def validate(cfg: Config, check_device: bool = True) -> None:
         problems += _device_problems(cfg)
     problems += energy.validate(cfg.energy)
     problems += activation_checkpointing.validate(cfg.activation_checkpointing, cfg.model.n_layer)
-    problems += data.validate(cfg.data)
+    problems += [p for p in data.validate(cfg.data) if need_corpus or not p.startswith("data.paths")]
     problems += storage.validate(cfg.storage)
     problems += spot.validate(cfg.spot)
+    problems += target.validate(cfg.smoke)
     problems += _model_problems(cfg.model)
     problems += _trainer_problems(cfg)
     if problems:
@@ -248,6 +258,11 @@ def _trainer_problems(cfg: Config) -> list[str]:
     for key in ("max_steps", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
         if getattr(t, key) < 1:
             problems.append(f"trainer.{key}: must be >= 1, got {getattr(t, key)}")
+    problems += profiling.validate(t.profile_every, t.profile_steps)
+    if t.cpu_threads < 0:
+        problems.append(f"trainer.cpu_threads: must be >= 0 (0 = automatic), got {t.cpu_threads}")
+    if cfg.checkpoint.keep_exports < 1:
+        problems.append(f"checkpoint.keep_exports: must be >= 1, got {cfg.checkpoint.keep_exports}")
     if t.micro_batch_size == "auto":
         if t.global_batch_tokens <= 0:
             problems.append(
@@ -291,6 +306,8 @@ def is_math_key(key: str) -> bool:
 
 
 _MATH_KEYS = frozenset(fields.math_keys(Config()))
+# Keys naming a path, URL or command of this machine (`local=True`): never taken from a bucket's config.
+LOCAL_KEYS = frozenset(fields.local_keys(Config()))
 
 
 def math_hash(cfg: Config) -> str:
@@ -298,9 +315,29 @@ def math_hash(cfg: Config) -> str:
     return fields.math_hash(cfg)
 
 
+def hash_matches(cfg: Config, recorded: Any) -> bool:
+    """Whether a checkpoint's recorded config hash is cfg's: today's, or the one that also covered local keys
+    (data.paths), which checkpoints written before local keys left the hash carry."""
+    return recorded in (fields.math_hash(cfg), fields.math_hash(cfg, with_local=True))
+
+
 def diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     a, b = flatten(old), flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def math_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """The math keys that differ, local ones aside: where files are is not what is computed (the token
+    cache key pins the data; job.continue_run checks it)."""
+    return [(k, a, b) for k, a, b in diff(old, new) if is_math_key(k) and k not in LOCAL_KEYS]
+
+
+def local_from(cfg: Config, source: Config) -> Config:
+    """cfg with every local key (paths, URLs and commands of this machine) taken from `source`.
+
+    `local_from(saved, Config())` is a config from elsewhere (a bucket) with this machine's defaults there.
+    """
+    return fields.replaced(cfg, {key: copy.deepcopy(fields.value_at(source, key)) for key in LOCAL_KEYS})
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -319,15 +356,69 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return to_typed(node)
 
 
+# --- saved configs: plain data both ways -----------------------------------------------------------------
+
+_MAX_SAVED_BYTES = 1 << 20  # a saved config is a few KiB; anything this big is not one
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """cfg as plain YAML data, fully resolved: no value holds an interpolation (load_yaml would refuse it)."""
+    problems = fields.interpolation_problems(flatten(cfg))
+    if problems:
+        raise ConfigError(problems)
+    plain_data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False)
+    return yaml.safe_dump(plain_data, sort_keys=False, allow_unicode=True)
 
 
-def load_yaml(path: Path) -> Config:
-    """A run's saved config.yaml, checked against today's schema."""
+def load_yaml(path: Path, *, name: str | None = None) -> Config:
+    """A run's saved config.yaml as plain data, checked against today's schema.
+
+    Nothing in it is resolved: a `${...}` (an interpolation or a resolver such as ${oc.env:SECRET}) is refused,
+    since a bucket or a shared run directory can be written by others. Every problem names the file (`name`,
+    e.g. the s3:// URL it came from) and the key, as a ConfigError (exit 2).
+    """
+    where = name or str(path)
+
+    def refused(problems: list[str]) -> ConfigError:
+        return ConfigError([f"{where}: {p}" for p in problems])
+
     try:
-        raw = OmegaConf.load(path)
-        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
-    except (OmegaConfBaseException, OSError) as e:
-        raise ConfigError([f"{path}: cannot read the saved config ({str(e).splitlines()[0]})"]) from None
-    return to_typed(merged)
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise refused([f"cannot read the saved config ({e.strerror or e})"]) from None
+    if len(blob) > _MAX_SAVED_BYTES:
+        raise refused([f"{len(blob)} bytes: too large to be a saved greenrun config"])
+    try:
+        raw = yaml.safe_load(blob.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise refused([f"not a saved greenrun config: not UTF-8 text (byte {e.start})"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise refused([f"not valid YAML{at} ({getattr(e, 'problem', None) or e})"]) from None
+    if not isinstance(raw, dict):
+        raise refused([f"not a saved greenrun config: a mapping of keys, not {type(raw).__name__}"])
+    try:
+        leaves, odd = fields.raw_leaves(raw)
+    except ValueError as e:
+        raise refused([f"not a saved greenrun config: {e}"]) from None
+    problems = [f"{k}: not a config key" for k in odd] + fields.interpolation_problems(dict(leaves))
+    known = set(leaf_keys())
+    schema = OmegaConf.structured(Config)
+    for key, value in leaves:
+        if key not in known:
+            group = any(k.startswith(key + ".") for k in known)
+            problems.append(
+                f"{key}: " + (f"a group of keys, got {fields.short(value)}" if group else "no such key")
+            )
+        elif not fields.holds_interpolation(value):
+            try:
+                OmegaConf.update(schema, key, value, merge=True)
+            except OmegaConfBaseException as e:
+                problems.append(f"{key}: {str(e).splitlines()[0]}")
+    if problems:
+        raise refused(problems)
+    try:
+        return to_typed(schema)
+    except ConfigError as e:
+        raise refused(e.problems) from None

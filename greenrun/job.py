@@ -20,19 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from greenrun import config, data, runs, smoke
+from greenrun import config, data, runs, smoke, storage
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.ckpt.uploader import describe as describe_remote
 from greenrun.config import Config, ConfigError
 from greenrun.core.fs import atomic_write
 from greenrun.core.output import Reporter
 from greenrun.data import DataError
-from greenrun.runtime import distributed
-from greenrun.runtime.spot import EXIT_ABORTED, EXIT_PREEMPTED, PreemptionAbort
-from greenrun.train import autobatch
+from greenrun.runtime import distributed, hardware
+from greenrun.runtime.spot import EXIT_ABORTED, EXIT_LOCAL_ONLY, EXIT_PREEMPTED, PreemptionAbort
+from greenrun.train import autobatch, precision
 from greenrun.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+CPU_TOKENS_PER_STEP = 65_536  # above this, one optimizer step on a CPU takes long enough to warn about
 
 
 class Outcome(enum.IntEnum):
@@ -41,8 +44,12 @@ class Outcome(enum.IntEnum):
     OK = 0  # finished, stopped at trainer.stop_at_step, or a smoke test that passed
     FAILED = 1  # a runtime failure (a failed preflight or smoke test, a broken checkpoint, a crash)
     USAGE = 2  # bad configuration or usage: nothing was started
-    PREEMPTED = EXIT_PREEMPTED  # 75: an emergency checkpoint was committed; resume it
+    # 75: the emergency checkpoint is committed in the bucket (run.dir with storage=local): resume anywhere
+    PREEMPTED = EXIT_PREEMPTED
     ABORTED = EXIT_ABORTED  # 76: the deadline passed or a second signal came; resume from the previous one
+    # 77: the newest checkpoint is committed on this machine's disk only (its upload failed or missed the
+    # deadline); the message names the newest one safe in the bucket. After a preemption or a normal end.
+    LOCAL_ONLY = EXIT_LOCAL_ONLY
     INTERRUPTED = 130  # Ctrl-C before training started
 
 
@@ -101,10 +108,29 @@ def resolve_micro_batch(cfg: Config, dist: distributed.Dist) -> Config:
     if cfg.trainer.micro_batch_size != "auto":
         return cfg
     choice = autobatch.resolve(cfg, dist.device, dist.world_size, log.info)
+    if dist.device.type == "cpu" and choice.tokens_per_step > CPU_TOKENS_PER_STEP:
+        log.warning(
+            f"trainer.global_batch_tokens={cfg.trainer.global_batch_tokens} on a CPU: each optimizer step trains "
+            f"{choice.tokens_per_step:,} tokens ({choice.micro_batch} x {choice.grad_accum_steps} accumulation), "
+            "minutes per step here; a GPU-sized batch wants a GPU"
+        )
     trainer = dataclasses.replace(
         cfg.trainer, micro_batch_size=choice.micro_batch, grad_accum_steps=choice.grad_accum_steps
     )
     return dataclasses.replace(cfg, trainer=trainer)
+
+
+def _warn_if_slow_here(cfg: Config, dist: distributed.Dist) -> None:
+    """Half precision on a CPU is emulated and several times slower than fp32: say so once, with numbers."""
+    option = precision.get(cfg.precision.name)
+    if dist.device.type != "cpu" or option.autocast_dtype is None:
+        return
+    fp32, half = hardware.matmul_rates(option.autocast_dtype)
+    if fp32 > 2 * half:
+        log.warning(
+            f"precision={cfg.precision.name} runs {fp32 / half:.1f}x slower than fp32 on this CPU "
+            f"({half:.0f} vs {fp32:.0f} GFLOP/s measured now): use precision=fp32 here, {cfg.precision.name} on a GPU"
+        )
 
 
 def _dataset(cfg: Config, resume_from: Path | None) -> data.Dataset:
@@ -120,8 +146,16 @@ def _dataset(cfg: Config, resume_from: Path | None) -> data.Dataset:
 def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
     """Preflight, then train cfg in cfg.run.dir (continuing the checkpoint `resume_from` when given)."""
     run_dir = Path(cfg.run.dir)
+    if not runs.locked_here(run_dir):
+        if problems := runs.run_dir_problems(run_dir):
+            raise ConfigError(problems)
+        # One writer per run directory: lock it (a second writer is refused, exit 2), then train inside the lock.
+        with runs.hold(run_dir):
+            return train(cfg, resume_from=resume_from)
     is_main = int(os.environ.get("RANK", "0")) == 0
     reporter = Reporter(enabled=is_main)
+    if cfg.storage.kind != "local" and (problems := storage.access_problems(cfg.storage, run_dir)):
+        raise ConfigError(problems)  # one cheap call, before the preflight's 12-35 s
     if cfg.preflight and resume_from is None:
         result = smoke.run(cfg)
         smoke.print_result(result, cfg, reporter)
@@ -131,6 +165,8 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
             )
     dist = distributed.setup(cfg.trainer.device)
     try:
+        if dist.is_main:
+            _warn_if_slow_here(cfg, dist)
         cfg = resolve_micro_batch(cfg, dist)
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset = _dataset(cfg, resume_from)
@@ -148,9 +184,9 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
             trainer.resume_from(resume_from)
             log.info(f"resumed from {resume_from} at step {trainer.step}")
         result = trainer.train()
+        safe, said = describe_remote(result["remote"])  # where the checkpoints got, in one line
         if result["preempted"]:
-            log.info(f"preempted at step {result['step']}; continue with: greenrun resume {run_dir}")
-            return JobResult(Outcome.PREEMPTED, run_dir=run_dir, summary=result)
+            return _preempted(result, run_dir, dist.is_main, said)
         sample = trainer.sample() if result["finished"] else ""
         summary = {**result, "sample": sample}
         if dist.is_main:
@@ -160,18 +196,52 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
             reporter.summary(result, str(run_dir), sample)
         else:
             log.info(f"stopped at step {result['step']}; continue with: greenrun resume {run_dir}")
+        if not safe:  # loud, and an exit code a scheduler can act on: this disk may be all there is
+            return JobResult(Outcome.LOCAL_ONLY, said, run_dir=run_dir, summary=summary)
+        if said:
+            log.info(said)
         return JobResult(Outcome.OK, run_dir=run_dir, summary=summary)
     finally:
         trainer.close()
-        if remote is not None:
+        # After a preemption the deadline leaves no time for housekeeping; the next start prunes.
+        if remote is not None and not trainer.checkpointer.preempted:
             remote.prune(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+
+
+def _preempted(result: dict[str, Any], run_dir: Path, is_main: bool, said: str) -> JobResult:
+    """75 when the emergency checkpoint is safe in the run's storage, 77 when only this disk has it, 76
+    when nothing was committed in time; summary.json says the same (written in milliseconds)."""
+    summary = {**result, "sample": ""}
+    if is_main:
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
+    step, where, remote = result["step"], result["emergency"], result["remote"]
+    if where in ("", "bucket") or (where == "local" and remote is None):
+        log.info(f"preempted at step {step}; continue with: greenrun resume {run_dir}")
+        return JobResult(Outcome.PREEMPTED, run_dir=run_dir, summary=summary)
+    newest = remote["newest_committed_step"] if remote else None
+    elsewhere = (
+        f"elsewhere, resuming from the bucket continues from step {newest}"
+        if newest is not None
+        else "no checkpoint of this run is in the bucket"
+    )
+    if where == "local":
+        message = (
+            f"preempted at step {step}: the emergency checkpoint is committed on this machine's disk only. "
+            f"{said}. On this machine: greenrun resume {run_dir}; {elsewhere}"
+        )
+        return JobResult(Outcome.LOCAL_ONLY, message, run_dir=run_dir, summary=summary)
+    message = (
+        f"preempted at step {step}: no emergency checkpoint was committed before the deadline; {elsewhere}"
+    )
+    return JobResult(Outcome.ABORTED, message, run_dir=run_dir, summary=summary)
 
 
 def train_or_continue(cfg: Config) -> JobResult:
     """`train … resume=auto`: continue run.dir if it holds a run (a scheduler re-running the command)."""
     run_dir = Path(cfg.run.dir)
     if cfg.resume == "auto" and (run_dir / "config.yaml").is_file():
-        return continue_run(config.load_yaml(run_dir / "config.yaml"), cfg, run_dir, missing_ok=True)
+        with runs.hold(run_dir):  # before reading: the run's one writer decides what to continue
+            return continue_run(config.load_yaml(run_dir / "config.yaml"), cfg, run_dir, missing_ok=True)
     return train(cfg)
 
 
@@ -183,8 +253,10 @@ def resume(target: str, overrides: list[str]) -> JobResult:
     problems = config.check_overrides(overrides)
     if problems:
         raise ConfigError(problems)
+    found = None
     if target.startswith("s3://"):
-        saved, run_dir, overrides = runs.restore(target, overrides)
+        found = runs.find(target, overrides)  # the bucket's config.yaml as plain data; nothing written yet
+        run_dir, overrides = found.local_dir, found.overrides
     else:
         run_dir = Path(target)
         saved_path = run_dir / "config.yaml"
@@ -194,18 +266,29 @@ def resume(target: str, overrides: list[str]) -> JobResult:
                     f"{saved_path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"
                 ]
             )
-        saved = config.load_yaml(saved_path)
-    # stop_at_step ended the last slice; a resume runs on unless the command line sets a new stop.
-    saved = dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, stop_at_step=None))
-    cfg = config.apply_overrides(saved, overrides)
-    return continue_run(saved, cfg, run_dir, missing_ok=False)
+    with runs.hold(run_dir):  # one writer: a second resume or train of this directory is refused (exit 2)
+        saved = runs.restore(found) if found is not None else config.load_yaml(run_dir / "config.yaml")
+        # stop_at_step ended the last slice; a resume runs on unless the command line sets a new stop.
+        saved = dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, stop_at_step=None))
+        cfg = config.apply_overrides(saved, overrides)
+        return continue_run(saved, cfg, run_dir, missing_ok=False)
 
 
 def continue_run(saved: Config, cfg: Config, run_dir: Path, missing_ok: bool) -> JobResult:
     """Resume run_dir with cfg, refusing math changes from `saved` unless allowed; start fresh if allowed."""
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
-    config.validate(cfg)
-    changed = [(k, a, b) for k, a, b in config.diff(saved, cfg) if config.is_math_key(k)]
+    path = checkpoint.latest_valid(run_dir / "checkpoints", warn=log.warning)
+    manifest = checkpoint.read_manifest(path) if path is not None else {}
+    # With the checkpoint's token cache here the corpus is not read, so data.paths need not be set.
+    tokens = runs.tokens_here(cfg, manifest)
+    try:
+        config.validate(cfg, need_corpus=tokens is None)
+    except ConfigError as e:
+        data_problem = any(p.startswith("data.") for p in e.problems)
+        if tokens is None and manifest.get("data_cache_key") and data_problem:
+            raise ConfigError([*e.problems, runs.missing_tokens_hint(cfg, manifest, path.name)]) from None
+        raise
+    changed = config.math_diff(saved, cfg)
     if changed and not cfg.allow_config_change:
         lines = [f"{k}: {a!r} (saved) -> {b!r}" for k, a, b in changed]
         raise ConfigError(
@@ -215,14 +298,12 @@ def continue_run(saved: Config, cfg: Config, run_dir: Path, missing_ok: bool) ->
                 + "\n    add allow_config_change=true to continue anyway (the run is then no longer exact)"
             ]
         )
-    path = checkpoint.latest_valid(run_dir / "checkpoints", warn=log.warning)
     if path is None:
         if missing_ok:
             return train(cfg)
         raise CheckpointError(f"no valid checkpoint under {run_dir / 'checkpoints'}; nothing to resume")
-    manifest = checkpoint.read_manifest(path)
     problems = []
-    if manifest.get("config_hash") != config.math_hash(cfg):
+    if not config.hash_matches(cfg, manifest.get("config_hash")):
         problems.append(f"{path}: written by a different configuration (hash {manifest.get('config_hash')})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if manifest.get("world_size", world) != world:
@@ -230,9 +311,24 @@ def continue_run(saved: Config, cfg: Config, run_dir: Path, missing_ok: bool) ->
             f"{path}: written by {manifest['world_size']} process(es), resuming with {world}: the global batch "
             "(micro x accum x world) and the batches each rank draws would change"
         )
+    problems += runs.token_problems(cfg, manifest, path.name)
     if problems and not cfg.allow_config_change:
         raise ConfigError([*problems, "add allow_config_change=true to continue anyway"])
+    if int(manifest.get("step", 0)) >= cfg.trainer.max_steps:
+        return _already_finished(run_dir, int(manifest["step"]), manifest.get("val_loss"))
     return train(cfg, resume_from=path)
+
+
+def _already_finished(run_dir: Path, step: int, val_loss: Any) -> JobResult:
+    """A scheduler re-running `train … resume=auto` on a finished run: say so and change nothing."""
+    loss = f", val loss {val_loss:.4f}" if isinstance(val_loss, int | float) else ""
+    log.info(
+        f"{run_dir} already finished at step {step}{loss}; nothing to do "
+        "(to train on, resume with a larger trainer.max_steps and allow_config_change=true)"
+    )
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"step": step}
+    return JobResult(Outcome.OK, run_dir=run_dir, summary=summary)
 
 
 # --- archive -------------------------------------------------------------------------------------------

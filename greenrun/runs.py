@@ -1,4 +1,4 @@
-"""Where a run lives: its local directory and, with storage=s3, its mirror in a bucket.
+"""Where a run lives: its local directory (with its one-writer lock) and, with storage=s3, its mirror in a bucket.
 
 A run's key in the bucket is `<storage.prefix>/<run id>`, the run id being the run directory's name. At start the
 mirror gets config.yaml and the token cache (so a fresh machine with another Python still trains on the same
@@ -7,18 +7,24 @@ tokens); every committed checkpoint follows through the background uploader. `gr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from greenrun import config, storage
+from greenrun import config, data, storage
 from greenrun.ckpt.checkpoint import CheckpointError, read_manifest
 from greenrun.ckpt.remote import Remote, parse_run_url
 from greenrun.ckpt.retention import Retention
 from greenrun.ckpt.uploader import Uploader
 from greenrun.config import Config
-from greenrun.core.fs import atomic_write
+from greenrun.core import lock
+from greenrun.core.fs import UnsafePath, atomic_write, refuse_symlink
+from greenrun.storage import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +55,91 @@ def start_mirror(remote: Remote | None, run_dir: Path, data_cache: Path, cfg: Co
     return Uploader(remote, Retention(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best))
 
 
-def restore(
-    url: str, overrides: list[str], local_root: Path = Path("runs")
-) -> tuple[Config, Path, list[str]]:
-    """Bring an s3:// run to this machine: its config, token cache and newest valid checkpoint.
+# --- one writer per run directory --------------------------------------------------------------------
 
-    Returns (saved config pointing at the local run directory, that directory, overrides left to apply).
-    `storage.*` overrides (e.g. an endpoint URL for this machine) apply before anything is downloaded.
+# What greenrun writes in a run directory, checked when the lock is taken so that a planted link is refused
+# before any work starts (fs refuses it again at each write).
+_WRITTEN = ("config.yaml", "metrics.jsonl", "summary.json", "export")
+
+
+def locked_here(run_dir: Path) -> bool:
+    """Whether this process may write run_dir now: it holds the lock, or it is not rank 0 (only rank 0 writes)."""
+    return int(os.environ.get("RANK", "0")) != 0 or lock.held(run_dir)
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """`with hold(run_dir):` this process is run_dir's one writer (re-entrant; on rank 0 only).
+
+    A second writer is refused with the holder's pid and host, and a symlink where greenrun writes is refused
+    (here, before any work, and at each write): both as a ConfigError, exit 2, since they are usage conflicts.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    existed = Path(run_dir).exists()
+    try:
+        held = lock.acquire(run_dir)
+    except (lock.Busy, UnsafePath) as e:
+        raise config.ConfigError([str(e)]) from None
+    except OSError as e:  # e.g. a read-only filesystem, where even root cannot create it
+        raise config.ConfigError([f"run.dir={run_dir}: cannot create it ({e.strerror}); choose another run.dir"]) from None
+    try:
+        for name in _WRITTEN:
+            refuse_symlink(Path(run_dir) / name)
+        yield
+    except UnsafePath as e:
+        raise config.ConfigError([str(e)]) from None
+    finally:
+        held.release()
+        if not existed:
+            _remove_if_only_the_lock(Path(run_dir))
+
+
+def run_dir_problems(run_dir: Path) -> list[str]:
+    """Why run.dir cannot hold a run, before anything is started or created there."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"run.dir={run_dir} is a file, not a directory; choose another run.dir"]
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return [f"run.dir={run_dir}: cannot create or write it ({parent} is not writable); choose another run.dir"]
+    return []
+
+
+def _remove_if_only_the_lock(run_dir: Path) -> None:
+    """A run that failed before training (preflight, data) leaves no empty directory behind."""
+    try:
+        if {p.name for p in run_dir.iterdir()} == {lock.LOCK_NAME}:
+            (run_dir / lock.LOCK_NAME).unlink()
+            run_dir.rmdir()
+    except OSError:  # another process got there first: its directory now
+        pass
+
+
+# --- s3:// runs: find one, then (under the lock) bring it here -------------------------------------------
+
+
+@dataclass
+class Found:
+    """A run in a bucket, its config read and checked, nothing written here yet."""
+
+    url: str
+    remote: Remote
+    saved: Config  # plain data from the bucket; local keys from this machine; run.dir = local_dir
+    local_dir: Path
+    overrides: list[str]  # the command line's overrides still to apply (storage.* are applied)
+
+
+def find(url: str, overrides: list[str], local_root: Path = Path("runs")) -> Found:
+    """Read the config.yaml of `s3://bucket/prefix/run` as plain data; writes nothing.
+
+    Keys that name local paths, URLs or commands (config.LOCAL_KEYS) never come from the bucket: anyone who can
+    write there could otherwise point them at this machine's files or at their own server. They come from
+    today's defaults and the command line, as does the whole storage group. `run.dir=` on the command line
+    picks the local directory; its name must be the run's id, under which the mirror uploads.
     """
     try:
         bucket, key = parse_run_url(url)
@@ -68,21 +152,42 @@ def restore(
         config.Config(),
         [f"storage.bucket={bucket}", f"storage.prefix={prefix}", "storage.kind=s3", *storage_overrides],
     )
-    st = storage.build(probe.storage, local_root)
-    remote = Remote(st, run_id)
+    remote = Remote(storage.build(probe.storage, local_root), run_id)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         try:
-            st.get(f"{run_id}/config.yaml", cfg_path)
+            remote.storage.get(f"{run_id}/config.yaml", cfg_path)
+        except storage.StorageUnreachable:
+            raise  # the network, not the URL: exit 1 with 'could not connect to ...'
         except storage.StorageError as e:
             raise config.ConfigError([f"{url}: no greenrun run there ({e})"]) from None
-        saved = config.load_yaml(cfg_path)
+        saved = config.load_yaml(cfg_path, name=f"{url.rstrip('/')}/config.yaml")
     local_dir = (local_root / run_id).resolve()
+    run_dir_overrides = [o for o in rest if o.startswith("run.dir=")]
+    if run_dir_overrides:
+        asked = config.apply_overrides(config.Config(), run_dir_overrides).run.dir
+        local_dir = Path(asked).expanduser().resolve()
+        if local_dir.name != run_id:
+            raise config.ConfigError(
+                [
+                    f"run.dir={asked}: the local directory of {url} must be named {run_id}, the run's key in the bucket"
+                ]
+            )
+    saved = config.local_from(saved, config.Config())
     saved = dataclasses.replace(
         saved,
         run=dataclasses.replace(saved.run, dir=str(local_dir)),
         storage=dataclasses.replace(probe.storage),
     )
+    return Found(url, remote, saved, local_dir, rest)
+
+
+def restore(found: Found) -> Config:
+    """Bring a found s3:// run here (hold its directory's lock): config.yaml, newest valid checkpoint, tokens.
+
+    Returns the saved config pointing at the local run directory.
+    """
+    url, remote, saved, local_dir = found.url, found.remote, found.saved, found.local_dir
     local_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(local_dir / "config.yaml", config.to_yaml(saved))
     steps = remote.steps()
@@ -95,9 +200,47 @@ def restore(
     if key16:
         # Into the cache_dir the resumed run will read, i.e. after a data.cache_dir override (a fresh
         # machine's path): elsewhere the run would rebuild tokens from this machine's corpus instead.
-        cache_dir = config.apply_overrides(saved, rest).data.cache_dir
-        remote.download_data_cache(key16, Path(cache_dir).expanduser())
-    return saved, local_dir, rest
+        cache_dir = config.apply_overrides(saved, found.overrides).data.cache_dir
+        try:
+            remote.download_data_cache(key16, Path(cache_dir).expanduser())
+        except ObjectNotFound as e:
+            log.warning(f"{e}: the tokens must then be rebuilt from data.paths on this command line")
+    return saved
+
+
+# --- the checkpoint's tokens -------------------------------------------------------------------------------
+
+
+def tokens_here(cfg: Config, manifest: dict) -> Path | None:
+    """The token cache a checkpoint trained on, if it is under cfg's data.cache_dir."""
+    key = manifest.get("data_cache_key", "")
+    cache = Path(cfg.data.cache_dir).expanduser() / key[:16] if key else None
+    return cache if cache is not None and (cache / "meta.json").is_file() else None
+
+
+def missing_tokens_hint(cfg: Config, manifest: dict, checkpoint_name: str) -> str:
+    key16 = manifest.get("data_cache_key", "")[:16]
+    return (
+        f"{checkpoint_name} trained on the token cache {key16}, which is neither under "
+        f"data.cache_dir={cfg.data.cache_dir} nor (for an s3:// run) in the bucket; and data.paths comes from "
+        "this command line and the defaults, never from a saved config: pass data.paths=[...] naming the corpus "
+        "the run trained on"
+    )
+
+
+def token_problems(cfg: Config, manifest: dict, checkpoint_name: str) -> list[str]:
+    """Without the checkpoint's token cache here, build the tokens from cfg.data and compare the cache keys:
+    the same key means the same text and settings, so the run continues on exactly its tokens."""
+    key = manifest.get("data_cache_key", "")
+    if not key or tokens_here(cfg, manifest) is not None:
+        return []
+    built = data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len).cache_key
+    if built == key:
+        return []
+    return [
+        f"data: the corpus of data.paths gives the token cache {built[:16]}, but {checkpoint_name} trained on "
+        f"{key[:16]} (another text or other data settings); point data.paths at the corpus the run trained on"
+    ]
 
 
 def remote_for_url(url: str, storage_overrides: list[str]) -> Remote:

@@ -1,14 +1,21 @@
 """`greenrun smoke`: the real configuration for two optimizer steps on the CPU, before any GPU is rented.
 
-It runs the real data pipeline, the configured architecture (widths, heads, vocabulary), forward, backward,
-optimizer step and a checkpoint write/read round trip; only micro-batch and sequence length shrink. A model
-whose fp32 training state would not fit in this machine's memory is depth-reduced, and the report says so.
+It builds the real data splits and checks them against the real sequence length, runs the configured
+architecture (widths, heads, vocabulary) forward, backward and through an optimizer step, and round-trips a
+checkpoint; only micro-batch and sequence length shrink. A model whose fp32 training state would not fit in
+this machine's memory is depth-reduced, and the report says so.
+
+Then it predicts the full config's peak memory per device (greenrun.train.memory) and holds it against the
+target device (`smoke.target`, greenrun.train.target): a prediction that does not fit FAILs, and the report
+gives each lever that exists (micro-batch, checkpointing policy, precision, optimizer) with the peak it would
+predict. A config that trains on a GPU runs its two CPU steps in fp32, whatever its precision: CPU autocast is
+neither the GPU's kernels nor fast; the memory prediction stays the configured precision's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import tempfile
 import time
 import traceback
@@ -17,17 +24,27 @@ from pathlib import Path
 
 import torch
 
-from greenrun.ckpt import checkpoint
+from greenrun import data
+from greenrun.ckpt import checkpoint, emergency
 from greenrun.config import Config
+from greenrun.core import shipped
 from greenrun.core.output import Reporter
 from greenrun.data import DataError
 from greenrun.runtime import distributed
-from greenrun.train import activation_checkpointing, memory, model, precision
+from greenrun.train import activation_checkpointing, memory, model, optimizer, precision, target
+from greenrun.train.target import GiB, Target
 
 SMOKE_MICRO_BATCH = 2  # sequences per micro-batch on the CPU
 SMOKE_SEQ_LEN = 64  # tokens per sequence on the CPU
 BYTES_PER_PARAM_CPU = 16  # fp32 weights + grads + two AdamW moments
 RAM_SHARE = 0.5  # share of available memory the smoke run may take
+FP32 = "fp32"  # what the CPU steps of a GPU config run in
+
+
+@dataclass
+class Lever:
+    settings: str  # the overrides, e.g. "activation_checkpointing=full"
+    total: int  # bytes: the predicted peak per device with them
 
 
 @dataclass
@@ -39,27 +56,30 @@ class SmokeResult:
     estimate: memory.MemoryEstimate | None  # predicted peak per device for the full config
     seconds: float
     losses: list[float] = field(default_factory=list)
-    capacity: tuple[str, int] | None = None  # (target device, its memory in bytes)
+    target: Target | None = None  # the device the estimate is held against
+    levers: list[Lever] = field(default_factory=list)  # when it does not fit: what each lever would predict
+    ran_as: str = ""  # the precision the CPU steps ran in
 
 
 def available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return target.ram()
 
 
-def smoke_config(cfg: Config, n_layer: int) -> Config:
+def cpu_precision(cfg: Config, on_gpu: bool) -> str:
+    """The precision the two CPU steps run in: fp32 for an autocast precision of a GPU run, else the
+    precision's own CPU stand-in (itself, or bf16 for fp8)."""
+    option = precision.get(cfg.precision.name)
+    if on_gpu and option.autocast_dtype is not None:
+        return FP32
+    return option.cpu_stand_in
+
+
+def smoke_config(cfg: Config, n_layer: int, on_gpu: bool = False) -> Config:
     """The same config shrunk to two CPU steps: same widths, heads and vocabulary."""
     t = cfg.trainer
-    stand_in = precision.get(cfg.precision.name).cpu_stand_in  # for precisions whose kernels need a GPU
     return dataclasses.replace(
         cfg,
-        precision=dataclasses.replace(cfg.precision, name=stand_in),
+        precision=dataclasses.replace(cfg.precision, name=cpu_precision(cfg, on_gpu)),
         model=dataclasses.replace(cfg.model, n_layer=n_layer, seq_len=min(cfg.model.seq_len, SMOKE_SEQ_LEN)),
         trainer=dataclasses.replace(
             t,
@@ -79,58 +99,144 @@ def smoke_config(cfg: Config, n_layer: int) -> Config:
 
 
 def run(cfg: Config) -> SmokeResult:
-    from greenrun.trainer import Trainer  # trainer pulls in the whole stack; keep `import smoke` light
-
     t0 = time.perf_counter()
     params = model.count_params(cfg.model, non_embedding=False)
-    target = distributed.resolve_device(cfg.trainer.device)
-    estimate = _estimate(cfg, target)
+    where = target.resolve(cfg.smoke, cfg.trainer.device)
+    estimate = _estimate(cfg)
+    too_big, levers = "", []
+    if estimate is not None and estimate.total > where.capacity():
+        too_big = (
+            f"predicted peak {_gib(estimate.total)} per device does not fit in {_gib(where.capacity())} "
+            f"({_where(where)})"
+        )
+        levers = find_levers(cfg, where)
     n_layer = cfg.model.n_layer
     if params * BYTES_PER_PARAM_CPU > RAM_SHARE * available_ram():
         per_block = max(1, model.count_params(dataclasses.replace(cfg.model, n_layer=1), non_embedding=True))
         room = RAM_SHARE * available_ram() / BYTES_PER_PARAM_CPU - (params - per_block * n_layer)
         n_layer = int(max(1, min(2, room // per_block)))
-    small = smoke_config(cfg, n_layer)
-    capacity = _capacity(target)
+    small = smoke_config(cfg, n_layer, on_gpu=where.gpu)
+    failed, losses = _two_steps(cfg, small)
+    reason = "; ".join(r for r in (failed, too_big) if r)
+    return SmokeResult(
+        not reason, reason, params, n_layer, estimate, _since(t0), losses, where, levers, small.precision.name
+    )
+
+
+def _two_steps(cfg: Config, small: Config) -> tuple[str, list[float]]:
+    """(why the two CPU steps failed or "", their losses): the real data, the small model, a checkpoint."""
+    from greenrun.trainer import Trainer  # trainer pulls in the whole stack; keep `import smoke` light
+
     trainer = None
     try:
+        dataset = data.build(cfg.data, cfg.model.vocab_size)
+        check_data(dataset, cfg)  # the real seq_len, not the shrunk one: training reads the same splits
         with tempfile.TemporaryDirectory(prefix="greenrun-smoke-") as tmp:
             cpu = distributed.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-            trainer = Trainer(small, Path(tmp), reporter=Reporter(enabled=False), dist=cpu)
+            trainer = Trainer(small, Path(tmp), reporter=Reporter(enabled=False), dist=cpu, data_set=dataset)
             losses = [trainer.train_step()["loss"] for _ in range(2)]
             if not all(map(_finite, losses)):
-                return SmokeResult(
-                    False, f"loss is not finite: {losses}", params, n_layer, estimate, _since(t0)
-                )
+                return f"loss is not finite: {losses}", losses
             written = checkpoint.write(trainer.snapshot(), Path(tmp) / "checkpoints")
             model_state, _, trainer_state, _ = checkpoint.load(written)
             for name, tensor in trainer.model.state_dict().items():
                 if not torch.equal(tensor, model_state[name]):
-                    return SmokeResult(
-                        False, f"checkpoint round trip changed {name}", params, n_layer, estimate, _since(t0)
-                    )
+                    return f"checkpoint round trip changed {name}", losses
             if trainer_state["step"] != 2:
-                return SmokeResult(
-                    False, "checkpoint round trip lost the step", params, n_layer, estimate, _since(t0)
-                )
-            return SmokeResult(True, "", params, n_layer, estimate, _since(t0), losses, capacity)
+                return "checkpoint round trip lost the step", losses
+            return "", losses
     except DataError:
         raise  # bad input, not a failed check: the CLI reports it with exit 2
     except MemoryError:
-        return SmokeResult(False, "out of CPU memory", params, n_layer, estimate, _since(t0))
+        return "out of CPU memory", []
     except Exception as e:  # the point of a smoke test: report any failure as a reason, not a traceback
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        reason = f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
-        return SmokeResult(False, reason, params, n_layer, estimate, _since(t0))
+        at = traceback.extract_tb(e.__traceback__)[-1]
+        return f"{type(e).__name__}: {e} (at {Path(at.filename).name}:{at.lineno})", []
     finally:
         if trainer is not None:
             trainer.close()
 
 
-def _estimate(cfg: Config, device: torch.device) -> memory.MemoryEstimate | None:
+# --- data: the real splits against the real sequence length ------------------------------------------------
+
+
+def check_data(dataset: data.Dataset, cfg: Config) -> None:
+    """DataError naming the settings that would help when a split cannot hold one window of model.seq_len + 1
+    tokens (the smoke steps use a shorter one; training does not)."""
+    seq_len = cfg.model.seq_len
+    try:
+        dataset.check_fits(seq_len)
+        return
+    except DataError:
+        pass
+    d, need = cfg.data, seq_len + 1
+    largest = {split: max((len(s) for s in shards), default=0) for split, shards in dataset.shards.items()}
+    short = [f"the {split} split has {n:,}" for split, n in largest.items() if n < need]
+    total = dataset.train_tokens + dataset.val_tokens
+    fixes = []
+    if d.shard_tokens < need:
+        fixes.append(f"data.shard_tokens={need} or more (now {d.shard_tokens}: no shard holds a window)")
+    else:
+        vf = _val_fraction(total, need)
+        if vf is not None and vf != d.val_fraction:
+            fixes.append(f"data.val_fraction={vf:g} (now {d.val_fraction:g})")
+    fits_now = min(largest.values()) - 1
+    if fits_now >= 1:
+        fixes.append(f"model.seq_len={fits_now} or less (the longest both splits hold now)")
+    more = _tokens_needed(need, d.val_fraction)
+    files = "more files in data.paths" if d.source == "text" else "data=text with your files in data.paths"
+    fixes.append(
+        f"more text: {files} (the corpus has {total:,} tokens; about {more:,} hold a window in each split)"
+    )
+    chars = dataset.meta.get("sources", {}).get("chars", 0)
+    if d.max_chars > 0 and chars >= d.max_chars and total > 0:
+        wanted = _round_up(more * chars / total * 1.1)
+        fixes.append(f"data.max_chars={wanted} (now {d.max_chars}: the cap cut the corpus short)")
+    raise DataError(
+        f"corpus too small for model.seq_len={seq_len}: one window needs {need} tokens, but "
+        f"{' and '.join(short)} in its largest shard — " + "; or ".join(fixes)
+    )
+
+
+def _val_fraction(total: int, need: int) -> float | None:
+    """The data.val_fraction, rounded, that leaves both splits `need` tokens, or None if none can."""
+    if total < 2 * need:
+        return None
+    for digits in (2, 3, 4, 5):
+        scale = 10**digits
+        for vf in (
+            math.ceil(need / total * scale) / scale,
+            math.floor((total - need) / total * scale) / scale,
+        ):
+            n_val = math.ceil(total * vf)  # as greenrun.data.cache splits the stream
+            if 0 < vf < 1 and n_val >= need and total - n_val >= need:
+                return vf
+    return None
+
+
+def _tokens_needed(need: int, val_fraction: float) -> int:
+    """The corpus size, in tokens, whose split at val_fraction gives both splits `need` tokens."""
+    total = max(2 * need, math.ceil(need / val_fraction), math.ceil(need / (1 - val_fraction)) + 1)
+    while math.ceil(total * val_fraction) < need or total - math.ceil(total * val_fraction) < need:
+        total += 1
+    return total
+
+
+def _round_up(x: float) -> int:
+    """x rounded up to two significant digits: a number to type."""
+    if x <= 0:
+        return 0
+    step = 10 ** max(0, int(math.log10(x)) - 1)
+    return int(math.ceil(x / step) * step)
+
+
+# --- memory: the full config's estimate and the levers that change it ----------------------------------------
+
+
+def _estimate(cfg: Config) -> memory.MemoryEstimate | None:
     mb = cfg.trainer.micro_batch_size
     if not isinstance(mb, int):
-        return None
+        return None  # micro_batch_size=auto: the probe sizes it on the real device
     plan = activation_checkpointing.plan(cfg.activation_checkpointing, cfg.model.n_layer)
     return memory.estimate(
         cfg.model,
@@ -143,13 +249,107 @@ def _estimate(cfg: Config, device: torch.device) -> memory.MemoryEstimate | None
     )
 
 
-def _capacity(device: torch.device) -> tuple[str, int] | None:
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return None  # a GPU config checked on a CPU: the target's memory is not known here
-        props = torch.cuda.get_device_properties(device)
-        return props.name, props.total_memory
-    return "this machine's RAM", available_ram()
+def _switch(cfg: Config, group: str, name: str, key: str) -> tuple[str, Config]:
+    """(override, config) for group `group` set to registered option `name`: its shipped YAML applied to the
+    group's defaults when one exists (what `group=name` composes), else `group.key=name` alone."""
+    current = getattr(cfg, group)
+    if name in shipped.option_names(group):
+        known = {f.name for f in dataclasses.fields(current)}
+        values = {
+            k: v
+            for k, v in shipped.load_option(group, name).items()
+            if k in known and not isinstance(v, dict)
+        }
+        return f"{group}={name}", dataclasses.replace(
+            cfg, **{group: dataclasses.replace(type(current)(), **values)}
+        )
+    return f"{group}.{key}={name}", dataclasses.replace(
+        cfg, **{group: dataclasses.replace(current, **{key: name})}
+    )
+
+
+def _micro_batch(cfg: Config, capacity: int) -> tuple[str, Config] | None:
+    """The largest smaller micro-batch that fits (or the smallest there is), with grad_accum_steps raised so
+    that micro x accum, the batch per optimizer step, stays the same."""
+    t = cfg.trainer
+    per_step = t.micro_batch_size * t.grad_accum_steps
+    found = None
+    for mb in range(t.micro_batch_size - 1, 0, -1):
+        if per_step % mb:
+            continue
+        smaller = dataclasses.replace(
+            cfg, trainer=dataclasses.replace(t, micro_batch_size=mb, grad_accum_steps=per_step // mb)
+        )
+        found = (f"trainer.micro_batch_size={mb} trainer.grad_accum_steps={per_step // mb}", smaller)
+        if _estimate(smaller).total <= capacity:
+            break
+    return found
+
+
+def find_levers(cfg: Config, where: Target) -> list[Lever]:
+    """Each setting that exists and lowers the predicted peak, alone, with the peak it predicts; then, when none
+    of them fits alone, the best of each together."""
+    capacity, base = where.capacity(), _estimate(cfg).total
+    levers: list[Lever] = []
+    best: list[tuple[str, str, Config]] = []  # (group, override, config): the lowest of each kind, to combine
+
+    def lowest(group: str, options: list[tuple[str, Config]]) -> None:
+        scored = sorted(((_estimate(c).total, i) for i, (_, c) in enumerate(options)), key=lambda x: x)
+        if scored and scored[0][0] < base:
+            best.append((group, *options[scored[0][1]]))
+
+    micro = _micro_batch(cfg, capacity)
+    if micro is not None:
+        levers.append(Lever(micro[0], _estimate(micro[1]).total))
+    policies = [
+        _switch(cfg, "activation_checkpointing", name, "policy")
+        for name in activation_checkpointing.POLICIES
+        if name != cfg.activation_checkpointing.policy
+    ]
+    levers += [Lever(s, _estimate(c).total) for s, c in policies if _estimate(c).total < base]
+    lowest("activation_checkpointing", policies)
+    precisions = []
+    for name in precision.PRECISIONS:
+        switched = _switch(cfg, "precision", name, "name")
+        usable = where.device is None or not precision.device_problems(switched[1].precision, where.device)
+        if name != cfg.precision.name and usable:
+            precisions.append(switched)
+    by_total: dict[int, list[str]] = {}
+    for s, c in precisions:
+        by_total.setdefault(_estimate(c).total, []).append(s)
+    levers += [Lever(" or ".join(names), total) for total, names in sorted(by_total.items()) if total < base]
+    lowest("precision", precisions)
+    optimizers = [
+        _switch(cfg, "optimizer", name, "name") for name in optimizer.OPTIMIZERS if name != cfg.optimizer.name
+    ]
+    levers += [Lever(s, _estimate(c).total) for s, c in optimizers if _estimate(c).total < base]
+    lowest("optimizer", optimizers)
+    if best and not any(lever.total <= capacity for lever in levers):
+        combined, settings = cfg, []
+        for group, s, c in best:
+            combined = dataclasses.replace(combined, **{group: getattr(c, group)})
+            settings.append(s)
+        micro = _micro_batch(combined, capacity)
+        if micro is not None:
+            combined, settings = micro[1], [*settings, micro[0]]
+        if len(settings) > 1:
+            levers.append(Lever(" ".join(settings), _estimate(combined).total))
+    return levers
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GiB:.1f} GiB"
+
+
+def _where(where: Target) -> str:
+    return where.name if where.memory is not None else f"the largest GPU of the table, {_largest().label}"
+
+
+def _largest() -> target.Gpu:
+    return max(target.GPUS.values(), key=lambda gpu: gpu.memory)
 
 
 def _finite(x: float) -> bool:
@@ -164,9 +364,14 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
     c = reporter.console
     status = "[bold green]PASS[/bold green]" if result.passed else "[bold red]FAIL[/bold red]"
     c.print(f"smoke {status} in {result.seconds:.1f} s: model={cfg.model.name}, {result.params:,} parameters")
-    stand_in = precision.get(cfg.precision.name).cpu_stand_in
-    if stand_in != cfg.precision.name:
-        c.print(f"  {cfg.precision.name} ran as {stand_in} on the CPU (its own kernels need a GPU)")
+    ran_as = result.ran_as or cfg.precision.name
+    if ran_as != cfg.precision.name and result.target is not None and result.target.gpu:
+        c.print(
+            f"  {cfg.precision.name} ran as {ran_as} on the CPU: the run trains on a GPU, and CPU autocast neither "
+            f"tests its {cfg.precision.name} kernels nor runs fast; the memory prediction is {cfg.precision.name}'s"
+        )
+    elif ran_as != cfg.precision.name:
+        c.print(f"  {cfg.precision.name} ran as {ran_as} on the CPU (its own kernels need a GPU)")
     if result.layers_run < cfg.model.n_layer:
         c.print(
             f"  depth-reduced to {result.layers_run} of {cfg.model.n_layer} blocks: the full fp32 training state "
@@ -185,14 +390,34 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
         )
         for name, value in result.estimate.table():
             c.print(f"    {name:<18} {value}")
-        if result.capacity is not None:
-            where, size = result.capacity
-            total = result.estimate.total
-            if total <= size:
-                c.print(f"  fits: {total / 2**30:.1f} of {size / 2**30:.1f} GiB on {where}")
-            else:
-                c.print(
-                    f"  [yellow]does not fit: {total / 2**30:.1f} GiB needed, {size / 2**30:.1f} GiB on {where}; "
-                    "lower trainer.micro_batch_size (raise grad_accum_steps to keep the batch), use precision=bf16 "
-                    "or activation_checkpointing=full[/yellow]"
-                )
+        if result.target is not None:
+            _print_fit(result, c)
+    # Whether a preemption's checkpoint reaches the bucket in time, at the upload speed measured now.
+    c.print(emergency.estimate_line(cfg.storage, cfg.spot, result.params, Path(cfg.run.dir)), markup=False)
+
+
+def _print_fit(result: SmokeResult, c) -> None:
+    where, total = result.target, result.estimate.total
+    capacity = where.capacity()
+    if total <= capacity and where.memory is not None:
+        c.print(f"  fits: {_gib(total)} of {_gib(capacity)} on {where.name}", markup=False)
+        return
+    if total <= capacity:
+        fit = [gpu.name for gpu in where.fits_on(total)]
+        small = [f"{gpu.name} ({gpu.memory_gib:g})" for gpu in target.GPUS.values() if gpu.name not in fit]
+        c.print(
+            f"  fits a GPU with {_gib(total)}: {', '.join(fit)}"
+            + (f"; too large for {', '.join(small)} GiB" if small else "")
+            + " (no GPU here: smoke.target=NAME checks one)",
+            markup=False,
+        )
+        return
+    c.print(f"  [yellow]does not fit: {_gib(total)} needed, {_gib(capacity)} on {_where(where)}[/yellow]")
+    if not result.levers:
+        c.print("  no lever lowers it: a smaller model (model.*), or a target with more memory", markup=False)
+        return
+    c.print(f"  levers, with the peak each predicts (fits = within {_gib(capacity)}):", markup=False)
+    width = max(len(lever.settings) for lever in result.levers)
+    for lever in result.levers:
+        verdict = "fits" if lever.total <= capacity else "still too large"
+        c.print(f"    {lever.settings:<{width}}  {_gib(lever.total):>10}  {verdict}", markup=False)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from greenrun.ckpt import checkpoint
 from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.uploader import Uploader
 from greenrun.config import Config, math_hash
+from greenrun.core import fs
 from greenrun.core.fs import atomic_write
 from greenrun.core.output import Reporter
 from greenrun.runtime import distributed, energy, hardware, profiling
@@ -63,6 +65,9 @@ class Trainer:
         self.device = self.dist.device
         self.reporter = reporter or Reporter(enabled=self.dist.is_main)
         precision.configure_matmul(cfg.precision)
+        if self.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(hardware.cpu_threads(t.cpu_threads, local))
         torch.manual_seed(t.seed)
         random.seed(t.seed)
 
@@ -109,6 +114,8 @@ class Trainer:
         self.first_val: float | None = None
         self.last_val: float | None = None
         self.upload_grace_s: float | None = None  # how long close() waits for uploads (None = until done)
+        self.wall_before = 0.0  # seconds earlier processes of this run trained (from the checkpoint)
+        self._train_t0: float | None = None
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
@@ -165,6 +172,7 @@ class Trainer:
         t = self.cfg.trainer
         stop_at = t.stop_at_step or t.max_steps
         start_step, t0 = self.step, time.perf_counter()
+        self._train_t0 = t0
         window_t, window_step = t0, self.step
         preempted = ""
         if self.step == 0:
@@ -209,15 +217,18 @@ class Trainer:
                     self.reporter.stop()
                     preempted = watcher.reason or "preemption signal"
                     log.warning(f"{preempted}: writing an emergency checkpoint at step {self.step}")
-                    done = self.checkpointer.emergency(self.snapshot, watcher.remaining_s)
+                    # A second signal or the watchdog aborts the uploads first: none may stay open.
+                    watcher.on_abort = self.checkpointer.abort_emergency
+                    emergency = self.checkpointer.emergency(self.snapshot, watcher.remaining_s)
                     self.upload_grace_s = 0.0  # the deadline is spent: close() must not wait on uploads
                     watcher.finished()
-                    if done:
-                        log.warning(done)
+                    if emergency.message:
+                        (log.warning if emergency.safe else log.error)(emergency.message)
                     break
                 if not last:
                     self.checkpointer.maybe_save(self.step, self.snapshot)
         self.reporter.stop()
+        self.profiler.close(self.step)  # a window the run ended inside
         if not preempted:
             self.checkpointer.save(self.snapshot, wait=True)
         wall = time.perf_counter() - t0
@@ -235,9 +246,15 @@ class Trainer:
             "first_val_loss": self.first_val,
             "val_loss": self.last_val,
             "tokens": self.step * self.tokens_per_step,
-            "wall_s": wall,
+            "wall_s": wall,  # this process
+            "run_wall_s": self.wall_before + wall,  # every process of the run, as tokens are counted
             "tok_per_s": trained_tokens / max(wall, 1e-9),
             "save_blocked_s": self.checkpointer.blocked_s,
+            # Where checkpoints got: per checkpoint and counted (None = no bucket); waits for the last upload.
+            "remote": self.checkpointer.remote_report(wait=not preempted),
+            # After a preemption: bucket | local | none, where the emergency checkpoint is committed ("" else).
+            "emergency": emergency.where if preempted else "",
+            "emergency_s": emergency.timings if preempted else {},
         }
 
     def _evaluate_and_log(self, record: dict[str, Any]) -> None:
@@ -250,8 +267,7 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         self.reporter.update(record)
         if self.dist.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            fs.append(self.metrics_path, json.dumps(record) + "\n")  # refuses a symlink: never writes outside
 
     # --- state --------------------------------------------------------------------------------------------
 
@@ -265,6 +281,8 @@ class Trainer:
             "trainer": {
                 "step": self.step,
                 "first_val": self.first_val,
+                "wall_s": self.wall_before
+                + (time.perf_counter() - self._train_t0 if self._train_t0 else 0.0),
                 "scaler": self.scaler.state_dict(),
                 "rng": rng,
             },
@@ -275,6 +293,7 @@ class Trainer:
         self.optimizer.load_state_dict(optim_state)
         self.step = int(trainer_state["step"])
         self.first_val = trainer_state.get("first_val")
+        self.wall_before = float(trainer_state.get("wall_s", 0.0))
         if trainer_state["scaler"]:
             self.scaler.load_state_dict(trainer_state["scaler"])
         rng = trainer_state["rng"]
@@ -321,14 +340,19 @@ class Trainer:
             / f"model-step-{self.step:08d}-{self.cfg.checkpoint.weights_dtype}.safetensors"
         )
         metadata = {"step": str(self.step), "dtype": self.cfg.checkpoint.weights_dtype}
+        fs.refuse_symlink(path.parent)  # a linked export/ would put (and overwrite) files elsewhere
         atomic_write(path, save(weights, metadata=metadata))
+        exports = sorted(path.parent.glob("model-step-*.safetensors"), reverse=True)  # step-major names
+        for old in exports[max(1, self.cfg.checkpoint.keep_exports) :]:
+            old.unlink(missing_ok=True)
         return path
 
-    def sample(self, prompt: str = "def ") -> str:
+    def sample(self, prompt: str | None = None) -> str:
         n = self.cfg.trainer.sample_tokens
         if n <= 0:
             return ""
-        ids = torch.tensor([self.data.encode(prompt)], device=self.device)
+        prompt = prompt or self.cfg.trainer.sample_prompt or data.sample_prompt(self.cfg.data)
+        ids = torch.tensor([self.data.encode(prompt) or [self.data.eot_id]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
         self.model.eval()
         with self.autocast():
@@ -337,12 +361,14 @@ class Trainer:
 
     def close(self) -> None:
         self.reporter.stop()
+        self.profiler.close(self.step)
         self.checkpointer.close(upload_timeout=self.upload_grace_s)
         distributed.teardown()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """A run killed after its last checkpoint logged steps that resume will redo: drop them."""
+    fs.refuse_symlink(path)  # neither read another file as metrics nor replace it
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

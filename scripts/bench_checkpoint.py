@@ -11,6 +11,13 @@
     (the real multipart path: 16 MiB parts, 4 in parallel), then fetched back and verified (`Remote.fetch`).
 (c) A real `greenrun train` subprocess of the tiny model: from the SIGTERM (os.kill) to the committed manifest and
     to the process's exit 75, with storage=local and with storage=s3 (the emergency path also uploads).
+(d) A real `greenrun train` subprocess of GPT-2 124M (`model=gpt2`, micro-batch 1 of GPT2_SEQ_LEN tokens so that a
+    step stays short on a CPU) with storage=s3 on the moto server, checkpoint.interval=0: from the SIGTERM to the
+    emergency checkpoint committed locally, to its manifest committed in the bucket (polled every 20 ms from here)
+    and to the exit code, with the emergency save's own phases from summary.json. First, once, `greenrun smoke`
+    of the same config prints whether an emergency checkpoint fits the deadline at the measured upload speed.
+
+    python3 scripts/bench_checkpoint.py --sections gpt2_sigterm --gpt2-trials 3 --out <dir>/sigterm.json
 
 Not a test: numbers depend on the disk, the CPU count and the page cache. moto keeps objects in memory and runs in
 this process, so (b) measures greenrun's client path plus moto, not a network. The fetch figure is moto-bound: moto
@@ -50,6 +57,18 @@ log = logging.getLogger("bench_checkpoint")
 GB = 1e9
 # The tiny default model (conf/model/tiny.yaml) on a 200k-character slice of the bundled corpus.
 TINY_TRAIN = ["model=tiny", "data.max_chars=200000", "preflight=false", "trainer.log_interval=1"]
+GPT2_SEQ_LEN = 32
+GPT2_TRAIN = [
+    "model=gpt2",
+    f"model.seq_len={GPT2_SEQ_LEN}",
+    "trainer.micro_batch_size=1",
+    "data.max_chars=200000",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=100000",
+    "trainer.eval_batches=1",
+    "trainer.sample_tokens=0",
+]
+SECTIONS = ("save", "upload", "sigterm", "gpt2_sigterm")
 BUCKET = "greenrun-bench"
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -233,6 +252,106 @@ def bench_sigterm(work: Path, trials: int, endpoint: str | None) -> dict:
     return out
 
 
+def _manifests(client, prefix: str) -> list[str]:
+    found = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return [item["Key"] for item in found if item["Key"].endswith("/manifest.json")]
+
+
+def gpt2_smoke(work: Path, endpoint: str, deadline_s: float) -> dict:
+    """`greenrun smoke` of the (d) config: its emergency-checkpoint line, as a user sees it before a run."""
+    cmd = [sys.executable, "-m", "greenrun", "smoke", *GPT2_TRAIN, f"data.cache_dir={work / 'cache'}"]
+    cmd += ["storage=s3", f"storage.bucket={BUCKET}", f"storage.endpoint_url={endpoint}"]
+    cmd += [f"spot.deadline_s={deadline_s}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    lines = [line.strip() for line in proc.stdout.splitlines() if "emergency checkpoint" in line]
+    return {"exit": proc.returncode, "seconds": time.perf_counter() - t0, "line": lines[0] if lines else ""}
+
+
+def gpt2_sigterm_trial(work: Path, endpoint: str, client, tag: str, deadline_s: float) -> dict:
+    run_dir = work / f"gpt2-{tag}"
+    cmd = [sys.executable, "-m", "greenrun", "train", *GPT2_TRAIN, "trainer.max_steps=100000"]
+    cmd += ["checkpoint.interval=0", "preflight=false", f"data.cache_dir={work / 'cache'}"]
+    cmd += ["storage=s3", f"storage.bucket={BUCKET}", f"storage.endpoint_url={endpoint}"]
+    cmd += [f"spot.deadline_s={deadline_s}", f"run.dir={run_dir}"]
+    prefix = f"greenrun/{run_dir.name}/checkpoints/"  # conf/storage/s3.yaml's storage.prefix
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+    with open(work / f"{tag}.log", "w") as output:
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 600
+        while _metrics_step(run_dir) < 2:  # past the first step, which warms up
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{tag}: training did not start; see {work / f'{tag}.log'}")
+            time.sleep(0.05)
+        at_step = _metrics_step(run_dir)
+        t0 = time.perf_counter()
+        os.kill(proc.pid, signal.SIGTERM)
+        local_at = bucket_at = None
+        while proc.poll() is None:
+            now = time.perf_counter() - t0
+            if local_at is None and checkpoint.committed(run_dir / "checkpoints"):
+                local_at = now
+            if bucket_at is None and _manifests(client, prefix):
+                bucket_at = now
+            time.sleep(0.02)
+        exited_at = time.perf_counter() - t0
+    if bucket_at is None and _manifests(client, prefix):
+        bucket_at = exited_at  # committed within the last poll interval before the exit
+    if local_at is None and checkpoint.committed(run_dir / "checkpoints"):
+        local_at = exited_at
+    summary = json.loads((run_dir / "summary.json").read_text())
+    open_uploads = client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", [])
+    row = {
+        "exit_code": proc.returncode,
+        "signal_at_step": at_step,
+        "saved_step": summary["step"],
+        "to_local_commit_s": local_at,
+        "to_bucket_manifest_s": bucket_at,
+        "to_exit_s": exited_at,
+        "emergency": summary["emergency"],
+        "emergency_phases_s": summary["emergency_s"],
+        "checkpoint_bytes": summary["remote"]["checkpoints"][-1]["bytes"],
+        "open_multipart_uploads_after": len(open_uploads),
+    }
+    shutil.rmtree(run_dir)
+    return row
+
+
+def bench_gpt2_sigterm(work: Path, trials: int, endpoint: str, deadline_s: float) -> dict:
+    client = S3Storage(StorageConfig(kind="s3", bucket=BUCKET, endpoint_url=endpoint)).client
+    with contextlib.suppress(Exception):
+        client.create_bucket(Bucket=BUCKET)
+    smoke = gpt2_smoke(work, endpoint, deadline_s)
+    log.info(f"  smoke: {smoke['line']}")
+    rows = []
+    for i in range(trials):
+        rows.append(gpt2_sigterm_trial(work, endpoint, client, f"gpt2-{i}", deadline_s))
+        r = rows[-1]
+        log.info(
+            f"  trial {i}: exit {r['exit_code']}, local commit {r['to_local_commit_s']}, bucket manifest "
+            f"{r['to_bucket_manifest_s']}, exit {r['to_exit_s']:.2f} s; phases {r['emergency_phases_s']}"
+        )
+    in_bucket = [r["to_bucket_manifest_s"] for r in rows if r["to_bucket_manifest_s"] is not None]
+    return {
+        "config": GPT2_TRAIN,
+        "deadline_s": deadline_s,
+        "smoke": smoke,
+        "trials": rows,
+        "committed_in_bucket": f"{len(in_bucket)} of {len(rows)}",
+        "to_bucket_manifest_s_median": statistics.median(in_bucket) if in_bucket else None,
+        "to_exit_s_max": max(r["to_exit_s"] for r in rows),
+        "exit_codes": [r["exit_code"] for r in rows],
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("boto3", "botocore", "moto", "safetensors", "hydra-core")}
+
+
 def machine(work: Path) -> dict:
     usage = shutil.disk_usage(work)
     try:
@@ -250,6 +369,7 @@ def machine(work: Path) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        **versions(),
         "workdir": str(work),
         "disk_free_GB": usage.free / GB,
     }
@@ -263,7 +383,15 @@ def main() -> int:
     ap.add_argument(
         "--workdir", help="scratch directory (default: a temp dir, removed at the end); needs ~6 GB"
     )
+    ap.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}"
+    )
+    ap.add_argument("--gpt2-trials", type=int, default=3, help="GPT-2 124M SIGTERM trials (default 3)")
+    ap.add_argument("--deadline", type=float, default=25.0, help="spot.deadline_s for (d) (default 25)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
     # Only a local moto server is ever contacted: fake credentials, nothing from the user's AWS setup.
@@ -276,14 +404,21 @@ def main() -> int:
     server = None
     try:
         results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(scratch)}
-        log.info("(a) GPT-2 124M saves through Checkpointer.save")
-        results["save"], dirs = bench_saves(scratch / "saves", args.saves)
+        results["command"] = " ".join(["python3", "scripts/bench_checkpoint.py", *sys.argv[1:]])
         server, endpoint = start_moto()
-        log.info(f"(b) upload to moto at {endpoint} through Remote.upload_checkpoint")
-        results["upload"] = bench_upload(dirs, endpoint, scratch)
-        shutil.rmtree(scratch / "saves")
-        log.info("(c) SIGTERM -> committed checkpoint, tiny model, `greenrun train` subprocess")
-        results["sigterm"] = bench_sigterm(scratch, args.trials, endpoint)
+        if {"save", "upload"} & sections:
+            log.info("(a) GPT-2 124M saves through Checkpointer.save")
+            results["save"], dirs = bench_saves(scratch / "saves", args.saves)
+            if "upload" in sections:
+                log.info(f"(b) upload to moto at {endpoint} through Remote.upload_checkpoint")
+                results["upload"] = bench_upload(dirs, endpoint, scratch)
+            shutil.rmtree(scratch / "saves")
+        if "sigterm" in sections:
+            log.info("(c) SIGTERM -> committed checkpoint, tiny model, `greenrun train` subprocess")
+            results["sigterm"] = bench_sigterm(scratch, args.trials, endpoint)
+        if "gpt2_sigterm" in sections:
+            log.info("(d) SIGTERM -> committed in the bucket, GPT-2 124M, `greenrun train` subprocess")
+            results["gpt2_sigterm"] = bench_gpt2_sigterm(scratch, args.gpt2_trials, endpoint, args.deadline)
     finally:
         if server is not None:
             server.stop()
@@ -300,24 +435,10 @@ def main() -> int:
 
 def table(r: dict) -> str:
     """The headline numbers as an aligned two-column text table."""
-    s, u, m = r["save"], r["upload"], r["machine"]
-    rows = [
-        (
-            "GPT-2 124M checkpoint size",
-            f"{s['checkpoint_bytes'] / GB:.2f} GB ({s['parameters'] / 1e6:.1f}M params + AdamW)",
-        ),
-        (
-            "training loop blocked per save (snapshot)",
-            f"{s['loop_blocked_s_median']:.2f} s median of {s['saves']}",
-        ),
-        (
-            "background local commit",
-            f"{s['local_commit_s_median']:.2f} s median ({s['local_commit_GBps_median']:.2f} GB/s)",
-        ),
-        ("upload to local moto", f"{u['upload_MBps_median']:.0f} MB/s median"),
-        ("fetch + sha256 verify from local moto", f"{u['fetch_verify_MBps_median']:.0f} MB/s median"),
-    ]
-    for kind, v in r["sigterm"].items():
+    m, rows = r["machine"], []
+    if "save" in r:
+        rows += _save_rows(r)
+    for kind, v in r.get("sigterm", {}).items():
         size = v["trials"][0]["checkpoint_bytes"] / 1e6
         rows.append(
             (
@@ -331,6 +452,19 @@ def table(r: dict) -> str:
                 f"{v['to_exit_75_s_median']:.3f} s median, {v['to_exit_75_s_max']:.3f} s max",
             )
         )
+    g = r.get("gpt2_sigterm")
+    if g:
+        median = g["to_bucket_manifest_s_median"]
+        rows.append(
+            (
+                "GPT-2 124M SIGTERM -> manifest in the bucket",
+                f"{median:.1f} s median" if median is not None else "never",
+            )
+        )
+        rows.append(("GPT-2 124M committed in the bucket", f"{g['committed_in_bucket']} trials"))
+        rows.append(
+            ("GPT-2 124M SIGTERM -> exit", f"{g['to_exit_s_max']:.1f} s max, codes {g['exit_codes']}")
+        )
     width = max(len(k) for k, _ in rows)
     lines = [
         f"\nmachine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, {m['platform']}",
@@ -338,6 +472,31 @@ def table(r: dict) -> str:
         f"{'-' * width}  {'-' * 40}",
     ]
     return "\n".join(lines + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def _save_rows(r: dict) -> list[tuple[str, str]]:
+    s = r["save"]
+    rows = [
+        (
+            "GPT-2 124M checkpoint size",
+            f"{s['checkpoint_bytes'] / GB:.2f} GB ({s['parameters'] / 1e6:.1f}M params + AdamW)",
+        ),
+        (
+            "training loop blocked per save (snapshot)",
+            f"{s['loop_blocked_s_median']:.2f} s median of {s['saves']}",
+        ),
+        (
+            "background local commit",
+            f"{s['local_commit_s_median']:.2f} s median ({s['local_commit_GBps_median']:.2f} GB/s)",
+        ),
+    ]
+    u = r.get("upload")
+    if u:
+        rows.append(("upload to local moto", f"{u['upload_MBps_median']:.0f} MB/s median"))
+        rows.append(
+            ("fetch + sha256 verify from local moto", f"{u['fetch_verify_MBps_median']:.0f} MB/s median")
+        )
+    return rows
 
 
 if __name__ == "__main__":

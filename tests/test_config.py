@@ -8,6 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from greenrun import config
+from greenrun.core import fields
 
 
 @pytest.fixture(autouse=True)
@@ -170,3 +171,60 @@ def test_math_hash_ignores_bookkeeping_keys():
 def test_apply_overrides_on_typed_config():
     cfg = config.apply_overrides(typed([]), ["optimizer.lr=1e-3", "precision=bf16"])
     assert cfg.optimizer.lr == 1e-3 and cfg.precision.name == "bf16"
+
+
+# --- local keys and saved configs as plain data ------------------------------------------------------------
+
+
+def test_the_local_keys_are_exactly_the_paths_urls_and_commands():
+    """Keys declared `local=True` never come from a bucket's config. A new path, URL or command key (a window
+    or carbon command, say) must be declared local and added here."""
+    assert sorted(config.LOCAL_KEYS) == ["data.cache_dir", "data.paths", "run.dir", "spot.metadata_url"]
+    remote = config.apply_overrides(
+        config.Config(),
+        ["data.paths=[/etc/passwd]", "data.cache_dir=/x", "run.dir=/y", "spot.metadata_url=http://evil/"],
+    )
+    here = config.local_from(remote, config.Config())
+    assert config.flatten(here) == config.flatten(config.Config())
+
+
+def test_local_keys_leave_the_hash_and_the_math_diff_but_old_hashes_still_match():
+    a = typed(["data=text", "data.paths=[a.txt]"])
+    b = typed(["data=text", "data.paths=[b.txt]"])
+    assert config.math_hash(a) == config.math_hash(b)  # the token cache key pins the data, not the path
+    assert config.math_diff(a, b) == []
+    legacy = fields.math_hash(a, with_local=True)
+    assert config.hash_matches(a, legacy) and not config.hash_matches(b, legacy)
+
+
+def test_saved_configs_round_trip_as_plain_yaml(tmp_path):
+    cfg = typed(["optimizer.lr=1e-5", "data=text", "data.paths=[a.txt, '~/b *.txt']"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml(cfg))
+    assert config.load_yaml(path) == cfg
+    escaped = config.apply_overrides(cfg, ["data.paths=['\\${oc.env:HOME}']"])
+    with pytest.raises(config.ConfigError, match=r"data.paths: .* holds '\$\{'"):
+        config.to_yaml(escaped)  # never saved: a resume would refuse it
+    with pytest.raises(config.ConfigError, match=r"data.paths: .* holds '\$\{'"):
+        config.validate(escaped)
+
+
+def test_load_yaml_resolves_nothing_and_names_every_bad_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("GREENRUN_TEST_SECRET", "s3cr3t")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "optimizer:\n  lr: ${oc.env:GREENRUN_TEST_SECRET}\n  name: '${oc.decode:x}'\n"
+        "data:\n  paths: ['${oc.env:GREENRUN_TEST_SECRET}']\nmodel:\n  n_layer: lots\n"
+    )
+    with pytest.raises(config.ConfigError) as e:
+        config.load_yaml(path, name="s3://b/p/run/config.yaml")
+    text = str(e.value)
+    assert "s3cr3t" not in text
+    for key in ("optimizer.lr", "optimizer.name", "data.paths", "model.n_layer"):
+        assert f"s3://b/p/run/config.yaml: {key}: " in text, key
+    # A billion-laughs file stops at a bound instead of expanding.
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdefg", "bcdefgh", strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(config.ConfigError, match="more than"):
+        config.load_yaml(path)

@@ -110,7 +110,9 @@ def test_train_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys; from greenrun import cli; cli.main(['train', '--help']); print('torch' in sys.modules)"
+    code = (
+        "import sys; from greenrun import cli; cli.main(['train', '--help']); print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("False") and "optimizer.lr" in r.stdout

@@ -10,6 +10,9 @@ import torch
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointConfig
 from greenrun.ckpt.pipeline import Checkpointer
+from greenrun.ckpt.remote import Remote
+from greenrun.ckpt.uploader import Uploader
+from greenrun.storage import LocalStorage
 
 
 def snap(step: int, val: float | None = None) -> checkpoint.Snapshot:
@@ -23,21 +26,19 @@ def snap(step: int, val: float | None = None) -> checkpoint.Snapshot:
     )
 
 
-class SlowUploader:
-    def __init__(self, delay: float):
-        self.delay, self.submitted, self.done = delay, [], threading.Event()
+class SlowStorage:
+    """LocalStorage whose checkpoint file writes wait until `fast` is set (or 10 s)."""
 
-    def submit(self, path):
-        self.submitted.append(path.name)
+    def __init__(self, root):
+        self.inner, self.fast = LocalStorage(root), threading.Event()
 
-    def in_flight_steps(self):
-        return set()
+    def put_bytes(self, key, data, **kwargs):
+        if not key.endswith(("manifest.json", "LATEST")):
+            self.fast.wait(10)
+        self.inner.put_bytes(key, data, **kwargs)
 
-    def wait(self, timeout=None):
-        return self.done.wait(timeout)
-
-    def close(self, timeout=None):
-        return True
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def test_save_commits_in_background_and_prunes(tmp_path):
@@ -70,17 +71,24 @@ def test_write_errors_surface_on_the_training_thread(tmp_path, monkeypatch):
 
 
 def test_emergency_commits_and_reports_a_late_upload(tmp_path):
-    up = SlowUploader(delay=10)
-    p = Checkpointer(CheckpointConfig(), tmp_path, uploader=up)
+    store = SlowStorage(tmp_path / "bucket")
+    up = Uploader(Remote(store, "run"))
+    p = Checkpointer(CheckpointConfig(), tmp_path / "ckpt", uploader=up)
     t0 = time.perf_counter()
-    msg = p.emergency(lambda: snap(7), seconds_left=lambda: 2.5)
+    done = p.emergency(lambda: snap(7), seconds_left=lambda: 2.5)
+    msg = done.message
     assert time.perf_counter() - t0 < 2.0
-    assert checkpoint.verify(checkpoint.step_dir(tmp_path, 7)) is None
-    assert up.submitted == ["step-00000007"]
+    assert checkpoint.verify(checkpoint.step_dir(tmp_path / "ckpt", 7)) is None
+    assert [(r.step, r.outcome) for r in up.results] == [(7, "failed")]  # the upload of step 7, abandoned
     assert "not committed remotely" in msg
-    up.done.set()
-    msg = p.emergency(lambda: snap(8), seconds_left=lambda: 5.0)
+    assert done.where == "local" and done.exit_code == 77
+    store.fast.set()
+    done = p.emergency(lambda: snap(8), seconds_left=lambda: 5.0)
+    msg = done.message
     assert "uploaded" in msg and "not committed" not in msg
+    assert done.where == "bucket" and done.exit_code == 75
+    assert Remote(store.inner, "run").steps() == [8]
+    assert store.inner.list("run/checkpoints/step-00000007/") == []  # the abandoned upload left nothing
 
 
 def test_stale_temp_dirs_are_cleaned_on_start(tmp_path, caplog):

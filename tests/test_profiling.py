@@ -41,3 +41,9 @@ def test_a_run_that_ends_inside_a_window_exits_cleanly_with_its_trace(tiny, tmp_
     for name in traces:
         assert "traceEvents" in json.loads((run_dir / "profile" / name).read_text())
     assert "USDT" not in r.stdout + r.stderr and "profiler_start" not in r.stdout + r.stderr
+
+
+def test_overlapping_windows_are_a_config_error_before_anything_runs(tmp_path):
+    r = run_cli("train", "trainer.profile_every=2", "trainer.profile_steps=3", cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.profile_every=2 must be larger" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -49,13 +49,13 @@ class Hooked:
     def __init__(self, inner: Storage, hook: Callable[[str, str], None]) -> None:
         self.inner, self.hook = inner, hook
 
-    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None:
+    def put(self, key: str, src: Path, **kwargs: object) -> None:
         self.hook("put", key)
-        self.inner.put(key, src, if_none_match=if_none_match)
+        self.inner.put(key, src, **kwargs)
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+    def put_bytes(self, key: str, data: bytes, **kwargs: object) -> None:
         self.hook("put_bytes", key)
-        self.inner.put_bytes(key, data, if_none_match=if_none_match)
+        self.inner.put_bytes(key, data, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

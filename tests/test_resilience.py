@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -98,7 +99,15 @@ def test_failed_checks_and_smoke_runs_leave_no_run_directory_behind(args: list[s
 def test_ctrl_c_during_tokenisation_stops_promptly_and_publishes_no_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "greenrun", "train", "data.max_chars=0", f"data.cache_dir={cache}", "preflight=false"],
+        [
+            sys.executable,
+            "-m",
+            "greenrun",
+            "train",
+            "data.max_chars=0",
+            f"data.cache_dir={cache}",
+            "preflight=false",
+        ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -112,3 +121,32 @@ def test_ctrl_c_during_tokenisation_stops_promptly_and_publishes_no_cache(tmp_pa
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
     assert waited < 10, f"took {waited:.1f} s to act on Ctrl-C"
     assert not list(cache.rglob("meta.json")), "an interrupted build must never look complete"
+
+
+def test_a_run_that_fails_in_its_preflight_leaves_no_run_directory(tmp_path: Path) -> None:
+    (tmp_path / "small.txt").write_text("def f():\n    return 1\n")
+    r = run_cli(
+        "train", "data=text", "data.paths=[small.txt]", f"data.cache_dir={tmp_path / 'c'}", cwd=tmp_path
+    )
+    assert r.returncode == 2, r.stderr
+    assert "small.txt" in r.stderr or "corpus" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "done"
+    r = run_cli("train", *tiny, "trainer.max_steps=3", "preflight=false", f"run.dir={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for args in (
+        ["resume", str(run_dir)],
+        ["train", *tiny, "trainer.max_steps=3", f"run.dir={run_dir}", "resume=auto"],
+    ):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"already finished at step 3, val loss {summary['val_loss']:.4f}" in r.stdout
+        after = {
+            p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+        }
+        assert after == before

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,11 +30,16 @@ from safetensors.torch import load_file, save_file
 
 import greenrun
 from greenrun.ckpt.retention import Retention
+from greenrun.core import lock
 from greenrun.core.fields import plain
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX = ".tmp-"
+# .tmp-step-00000010-1a2b3c4d-4242@host: the writer's pid and host, so cleanup can tell a live writer's dir.
+_OWNED_TMP = re.compile(r"^\.tmp-.*-(\d+)@([A-Za-z0-9._-]+)$")
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt")
 
 
@@ -46,6 +52,7 @@ class CheckpointConfig:
         0.0
     )  # also checkpoint after this many minutes of wall clock (0 = off; spot: 15-30)
     weights_dtype: str = plain("bf16")  # dtype of the model-only weight export at the end: bf16 | fp16 | fp32
+    keep_exports: int = plain(1)  # model-only exports kept in RUN_DIR/export/, newest first (>= 1)
 
 
 class CheckpointError(RuntimeError):
@@ -54,6 +61,11 @@ class CheckpointError(RuntimeError):
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step-{step:08d}"
+
+
+def temp_dir(ckpt_root: Path, final_name: str) -> Path:
+    """A fresh temp directory name for writing `final_name`, tagged with this writer's pid@host."""
+    return ckpt_root / f"{TMP_PREFIX}{final_name}-{uuid.uuid4().hex[:8]}-{lock.owner_tag()}"
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -117,7 +129,7 @@ def write(snapshot: Snapshot, ckpt_root: Path) -> Path:
     """Write, verify and commit one checkpoint; returns its directory. Never touches older checkpoints."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = step_dir(ckpt_root, snapshot.step)
-    tmp = ckpt_root / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir(ckpt_root, final.name)
     tmp.mkdir()
     try:
         save_file(snapshot.model, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
@@ -231,14 +243,45 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict, di
 # --- housekeeping ----------------------------------------------------------------------------------------
 
 
+def writer_gone(name: str) -> bool:
+    """Whether the writer of temp dir `name` is gone, as far as this machine can tell.
+
+    A name without pid@host comes from an older greenrun (or a fetch): under the run directory's lock no such
+    writer is live. A live pid of this host, this process included, is a write in progress. A writer on another
+    host cannot be seen from here: its directory is left alone.
+    """
+    m = _OWNED_TMP.match(name)
+    if m is None:
+        return True
+    pid, host = int(m.group(1)), m.group(2)
+    return host == lock.hostname() and pid != os.getpid() and not lock.alive(pid)
+
+
 def clean_stale(ckpt_root: Path) -> list[Path]:
-    """Remove temp directories a crashed writer left behind; they never held a committed checkpoint."""
-    removed = []
-    if ckpt_root.is_dir():
+    """Remove temp directories that crashed writers left behind; they never held a committed checkpoint.
+
+    Only under the run directory's lock (ckpt_root's parent; taken here if this process lacks it): a second
+    writer once deleted the live temp dir of the first. If another process holds the lock, nothing is removed.
+    """
+    if not ckpt_root.is_dir():
+        return []
+    try:
+        held = lock.acquire(ckpt_root.parent)
+    except (lock.Busy, OSError) as e:
+        log.warning(f"left checkpoint temp dirs under {ckpt_root} alone: {e}")
+        return []
+    removed, elsewhere = [], []
+    with held:
         for p in ckpt_root.iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+            if not p.name.startswith(TMP_PREFIX) or p.is_symlink() or not p.is_dir():
+                continue
+            if writer_gone(p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
+            else:
+                elsewhere.append(p.name)
+    if elsewhere:
+        log.info(f"left {len(elsewhere)} temp dir(s) of writers still running or on other hosts: {elsewhere}")
     return removed
 
 

@@ -2,8 +2,9 @@
 
 snapshot (the only part training waits for) -> local commit -> remote upload. Training blocks only while the
 state is copied off the device; a background thread writes and commits the local checkpoint, prunes old ones,
-and hands the committed directory to the uploader (another thread). The emergency path (preemption) does the
-same but waits, within the deadline, for the local commit and then the upload.
+and hands the committed directory to the uploader (another thread). The emergency path (preemption, see
+emergency.py) cancels older uploads, then writes and uploads the new checkpoint side by side, and gives up on
+the upload (aborting it) when the deadline comes.
 
 Every rank holds a Checkpointer so that all of them take the same decision at the same step (`agree` is an
 all-reduce under torchrun); only the writer (rank 0) snapshots and writes.
@@ -16,9 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointConfig, Snapshot
+from greenrun.ckpt.emergency import CLEANUP_S, EXIT_MARGIN_S, Emergency, Staged, Worker
+from greenrun.ckpt.remote import FAILED, SKIPPED, UploadResult
 from greenrun.ckpt.uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ class Checkpointer:
         self.writer, self.agree, self.barrier, self.clock = writer, agree, barrier, clock
         self.blocked_s: list[float] = []  # seconds the training loop waited, per save
         self.last_committed: Path | None = None
+        self.newest_step: int | None = None  # the newest checkpoint this process took (the writer's)
+        self._emergency: Emergency | None = None
+        self._preempting = False  # an emergency save began (it may not have returned: a second signal)
+        # The emergency upload's cancel: set at its deadline, or by abort_emergency().
+        self._cancel = threading.Event()
+        self._upload_worker: Worker | None = None
         self._last_save = clock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -74,6 +84,7 @@ class Checkpointer:
             t0 = time.perf_counter()
             self._join()  # one local write at a time: the disk, not a queue, bounds the backlog
             snap = snapshot_fn()
+            self.newest_step = max(snap.step, self.newest_step or 0)
             self._thread = threading.Thread(
                 target=self._write, args=(snap,), name="greenrun-ckpt", daemon=True
             )
@@ -88,7 +99,7 @@ class Checkpointer:
         try:
             t0 = time.perf_counter()
             path = checkpoint.write(snap, self.ckpt_root)
-            self.last_committed = path
+            self._committed(path)
             protect = {path} | self._uploading()
             checkpoint.prune(
                 self.ckpt_root, self.cfg.keep_last, keep_best=self.cfg.keep_best, protect=protect
@@ -103,6 +114,11 @@ class Checkpointer:
         except BaseException as e:  # surfaced on the training thread at the next save or close
             self._error = e
 
+    def _committed(self, path: Path) -> None:
+        """Keep the newest: after an emergency an older background write can still finish."""
+        if self.last_committed is None or _step_of(path) >= _step_of(self.last_committed):
+            self.last_committed = path
+
     def _uploading(self) -> set[Path]:
         if self.uploader is None:
             return set()
@@ -116,26 +132,146 @@ class Checkpointer:
             error, self._error = self._error, None
             raise error
 
-    def emergency(self, snapshot_fn: Callable[[], Snapshot], seconds_left: Callable[[], float]) -> str:
-        """Commit locally, then upload what fits before the deadline. Returns what was achieved, in words."""
-        self.save(snapshot_fn, wait=True)
-        if not self.writer:
-            return ""
-        where = f"committed locally at {self.last_committed}"
-        if self.uploader is None:
-            return where
-        # Keep a margin for process exit; an upload that does not finish stays uncommitted remotely (no manifest).
-        budget = max(0.0, seconds_left() - 2.0)
-        if self.uploader.wait(timeout=budget):
-            return where + " and uploaded"
+    def emergency(self, snapshot_fn: Callable[[], Snapshot], seconds_left: Callable[[], float]) -> Emergency:
+        """Save a checkpoint now and get it as far as the deadline allows: the bucket, or at least this disk.
+
+        With a bucket, older uploads are cancelled (the new checkpoint replaces them), then the local commit
+        and the upload run side by side; what has not uploaded EXIT_MARGIN_S before the deadline is aborted.
+        """
+        t0 = time.monotonic()
+        self._preempting = True
+        if not self.writer or self.uploader is None:
+            self.save(snapshot_fn, wait=True)
+            if not self.writer:  # the writer (rank 0) saves; this rank only took part in the decision
+                self._emergency = Emergency(None, None, None, False, "", {})
+                return self._emergency
+            path = self.last_committed
+            message = f"committed locally at {path}" if path is not None else ""
+            timings = {"total_s": time.monotonic() - t0}
+            self._emergency = Emergency(self.newest_step, path, None, False, message, timings)
+            return self._emergency
+        end = t0 + max(0.0, seconds_left() - EXIT_MARGIN_S)
+        self._cancel = threading.Event()
+        self.uploader.abandon("a preemption came; the emergency checkpoint replaces it", outcome=SKIPPED)
+        snap = snapshot_fn()
+        step, remote = snap.step, self.uploader.remote
+        self.newest_step = max(step, self.newest_step or 0)
+        timings = {"snapshot_s": time.monotonic() - t0}
+        cancel, staged, final = self._cancel, None, checkpoint.step_dir(self.ckpt_root, step)
+        local: Worker | None = None
+        if final.is_dir() and checkpoint.verify(final) is None:  # already committed here: send those bytes
+            upload = Worker(
+                lambda: remote.upload_checkpoint(final, cancel=cancel), "greenrun-emergency-upload"
+            )
+            self._upload_worker = upload
+        else:
+            staged = Staged(snap, self.ckpt_root)
+            del snap  # rendering drops it: from then on the mapped files are all there is
+            upload = Worker(
+                lambda: remote.upload_staged(
+                    step,
+                    checkpoint.FILES,
+                    lambda name: staged.data(name, cancel),
+                    lambda: staged.manifest(cancel),
+                    cancel,
+                ),
+                "greenrun-emergency-upload",
+            )
+            self._upload_worker = upload
+            try:
+                staged.render()  # here: each file goes up as soon as it is written
+                local = Worker(staged.seal, "greenrun-emergency-commit")
+            except Exception as e:  # no local checkpoint (a full disk?): the upload cannot commit either
+                log.error(f"emergency checkpoint step {step}: rendering failed: {type(e).__name__}: {e}")
+            timings["render_s"] = time.monotonic() - t0 - timings["snapshot_s"]
+        hard = max(end, time.monotonic()) + CLEANUP_S  # cleanup and the local commit's last chance
+        if not upload.join_until(end):
+            cancel.set()  # the deadline: abort the multipart uploads, delete what was sent
+            upload.join_until(hard)
+        if local is not None:
+            local.join_until(hard)
+            if local.value is not None:
+                self._committed(local.value)
+            elif local.error is not None:
+                log.error(f"emergency checkpoint step {step}: the local commit failed: {local.error}")
+        path = final if staged is None else (local.value if local is not None else None)
+        result = self._upload_result(step, upload, time.monotonic() - t0, cancel.is_set(), end - t0)
+        self.uploader.record(result)
+        timings["upload_s" if result.committed else "upload_abandoned_s"] = upload.seconds or 0.0
+        if local is not None and local.seconds is not None:
+            timings["local_commit_s"] = local.seconds
+        timings["total_s"] = time.monotonic() - t0
+        self._emergency = Emergency(step, path, result, True, self._say(step, path, result), timings)
+        if staged is not None and (local is None or local.seconds is not None):
+            staged.close()  # the commit is done (or failed): its temp dir is no longer needed
+        self.barrier()
+        return self._emergency
+
+    def abort_emergency(self, why: str) -> None:
+        """A second signal or the watchdog: cancel every upload now and give them CLEANUP_S to abort their
+        multipart uploads (the process exits right after, and an open upload would stay billed)."""
+        log.warning(f"{why}: abandoning the checkpoint uploads")
+        self._cancel.set()
+        if self.uploader is not None:
+            self.uploader.abandon(why)
+        if self._upload_worker is not None:
+            self._upload_worker.join_until(time.monotonic() + CLEANUP_S)
+
+    @staticmethod
+    def _upload_result(
+        step: int, upload: Worker, seconds: float, cancelled: bool, budget: float
+    ) -> UploadResult:
+        if upload.seconds is not None and upload.error is None:
+            return upload.value
+        if upload.seconds is None or cancelled:
+            why = f"abandoned at the deadline ({budget:.1f} s of upload time); its multipart uploads were aborted"
+        else:
+            why = f"upload failed: {upload.error}"
+        return UploadResult(step, 0, seconds, False, why, FAILED)
+
+    def _say(self, step: int, path: Path | None, result: UploadResult) -> str:
+        if result.committed:
+            if path is None:
+                return f"emergency checkpoint step {step} uploaded ({result.note}); the local commit did not finish"
+            return f"emergency checkpoint committed locally at {path} and uploaded: {result.note}"
+        newest = self.remote_report(wait=False)
+        where = (
+            "none"
+            if newest is None or newest["newest_committed_step"] is None
+            else (f"step {newest['newest_committed_step']} ({newest['newest_committed_url']})")
+        )
+        head = "committed locally only at " + str(path) if path is not None else "NOT committed anywhere"
         return (
-            where
-            + f"; upload still running when the deadline came ({budget:.0f} s) — it is not committed remotely"
+            f"emergency checkpoint step {step} {head}; it is not committed remotely: {result.note}. "
+            f"The newest checkpoint safe in the bucket: {where}"
         )
 
+    @property
+    def preempted(self) -> bool:
+        """An emergency save began: what is left of the deadline belongs to the exit."""
+        return self._preempting
+
+    def remote_report(self, wait: bool = True) -> dict[str, Any] | None:
+        """Uploader.report() for the newest checkpoint this process took; None without a bucket.
+
+        wait: first let the uploads in flight finish (not after an emergency: those were abandoned)."""
+        if self.uploader is None:
+            return None
+        if wait and not self._preempting:
+            self.uploader.wait()
+        return self.uploader.report(self.newest_step)
+
     def close(self, upload_timeout: float | None = None) -> None:
+        if self._preempting:  # the deadline is spent: an older write or upload still running is left alone
+            if self.uploader is not None:
+                self.uploader.close(timeout=0)
+            return
         self._join()
         if self.uploader is not None:
             if not self.uploader.wait(timeout=upload_timeout):
                 log.warning("checkpoint uploads did not finish in time; the local checkpoints are complete")
             self.uploader.close(timeout=5.0 if upload_timeout is None else upload_timeout)
+
+
+def _step_of(path: Path) -> int:
+    return int(checkpoint.STEP_DIR.match(path.name)[1])

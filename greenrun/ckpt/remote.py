@@ -1,4 +1,4 @@
-"""Mirror committed local checkpoints to a Storage (a bucket or a directory) and get them back.
+"""Mirror committed local checkpoints to a Storage (a bucket or a directory): the writing half.
 
 Layout under the run key R:
   R/config.yaml                                    the resolved config, uploaded once at start
@@ -8,7 +8,7 @@ Layout under the run key R:
   R/LATEST                                         {"step", "attempt"}: a hint only
 Each process writes under its own attempt id, so a zombie writer from an older attempt can never
 overwrite files a newer commit points at; the conditional manifest write picks exactly one winner per step.
-Readers list manifests and take the newest whose files verify against the sha256 in it.
+Readers list manifests and take the newest whose files verify against the sha256 in it (remote_read.py).
 """
 
 from __future__ import annotations
@@ -16,38 +16,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import os
-import re
 import secrets
-import shutil
+import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from greenrun.ckpt import checkpoint, retention
+from greenrun.ckpt import checkpoint
 from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.ckpt.remote_read import KEY16, RemoteReader, digests
 from greenrun.ckpt.retention import Retention
-from greenrun.storage import (
-    CommitConflict,
-    ObjectNotFound,
-    Storage,
-    StorageError,
-    check_key,
-    parse_s3_url,
-)
+from greenrun.storage import CommitConflict, ObjectNotFound, Storage, StorageError, check_key, parse_s3_url
+from greenrun.storage.base import Data, UploadCancelled
 
 log = logging.getLogger(__name__)
 
-_STEP_KEY = re.compile(r"step-(\d{8})/(?:(manifest\.json)|([^/]+)/[^/]+)")
-_REMOTE_ONLY = ("attempt", "run_id", "keys")  # manifest fields the local format does not have
-_KEY16 = re.compile(r"[0-9a-f]{16}")
-# Classes a plain GET can still read: GLACIER and DEEP_ARCHIVE would need a restore before fetch() works.
-ARCHIVE_CLASSES = ("STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR")
+# A checkpoint's fate in the bucket, one per checkpoint this process wrote.
+COMMITTED = "committed"  # in the bucket with exactly these files (or identical ones another attempt sent)
+FAILED = "failed"  # tried and not committed: an error, a conflict, or abandoned at the deadline
+SKIPPED = "skipped"  # never tried: a newer checkpoint replaced it in the queue, or the uploader had closed
 
 
 def parse_run_url(url: str) -> tuple[str, str]:
@@ -65,48 +53,26 @@ class UploadResult:
     seconds: float
     committed: bool  # the step is committed remotely with exactly these files
     note: str
+    outcome: str = ""  # COMMITTED | FAILED | SKIPPED; "" = from `committed` (COMMITTED or FAILED)
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            self.outcome = COMMITTED if self.committed else FAILED
 
 
-@dataclass
-class _StepKeys:
-    committed: bool = False
-    attempts: dict[str, list[str]] = field(default_factory=dict)  # attempt id -> its file keys
+# name -> function that sends that file to the given key (a local file or bytes in memory).
+Senders = dict[str, Callable[[str], None]]
 
 
-def _safe_key(key: str) -> bool:
-    """True for a key check_key accepts: a bucket can hold keys with '..' segments that we must not use."""
-    try:
-        check_key(key)
-    except ValueError:
-        return False
-    return True
-
-
-def _digests(manifest: dict) -> dict[str, str]:
-    return {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()}
-
-
-def _best(manifests: dict[int, dict], n: int) -> list[int]:
-    return retention.best({step: m.get("val_loss") for step, m in manifests.items()}, n)
-
-
-class Remote:
+class Remote(RemoteReader):
     """One run's mirror in a Storage; `attempt` tells this process's uploads apart from any other's."""
 
     def __init__(self, storage: Storage, run_key: str, attempt: str | None = None) -> None:
-        self.storage = storage
-        self.run_key = check_key(run_key.strip("/"))
-        self.run_id = self.run_key.rsplit("/", 1)[-1]
+        super().__init__(storage, run_key)
         # Unique per process lifetime; sorts by start time and reads well in a bucket listing.
         started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self.attempt = check_key(attempt or f"a-{started}-{secrets.token_hex(4)}")
         self.last_committed: int | None = None  # newest step this process committed (or found identical)
-
-    def _step_prefix(self, step: int) -> str:
-        return f"{self.run_key}/checkpoints/step-{step:08d}/"
-
-    def manifest_key(self, step: int) -> str:
-        return self._step_prefix(step) + "manifest.json"
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -120,7 +86,7 @@ class Remote:
     def upload_data_cache(self, cache_path: Path) -> bool:
         """Upload a complete token cache unless the run already has it; meta.json goes last as its marker."""
         cache_path = Path(cache_path)
-        if not _KEY16.fullmatch(cache_path.name) or not (cache_path / "meta.json").is_file():
+        if not KEY16.fullmatch(cache_path.name) or not (cache_path / "meta.json").is_file():
             raise ValueError(f"{cache_path} is not a complete token cache (<cache_dir>/<key16>/meta.json)")
         prefix = f"{self.run_key}/data/{cache_path.name}/"
         if self.storage.exists(prefix + "meta.json"):
@@ -134,77 +100,88 @@ class Remote:
             return False  # another process of this run uploaded the same cache first
         return True
 
-    def download_data_cache(self, key16: str, cache_dir: Path) -> Path:
-        """`cache_dir/key16`, downloaded if missing: built in a temp dir, meta.json last, then renamed.
-
-        Lets a fresh machine (another Python, so another stdlib corpus) train on exactly the same tokens.
-        """
-        if not _KEY16.fullmatch(key16):
-            raise ValueError(f"{key16!r} is not a 16-hex-digit token cache key")
-        cache_dir = Path(os.path.expanduser(cache_dir))
-        final, prefix = cache_dir / key16, f"{self.run_key}/data/{key16}/"
-        if (final / "meta.json").is_file():
-            return final
-        names = [key[len(prefix) :] for key in self.storage.list(prefix)]
-        if "meta.json" not in names:
-            raise ObjectNotFound(f"no complete token cache at {self.storage.url(prefix + 'meta.json')}")
-        meta_bytes = self.storage.get_bytes(prefix + "meta.json")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".download-{key16}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            for name in names:
-                # Names check_key refuses (e.g. '..') are skipped, not fatal: the cache is then incomplete.
-                if name != "meta.json" and "/" not in name and _safe_key(prefix + name):
-                    self.storage.get(prefix + name, tmp / name)
-            problem = _cache_problem(tmp, meta_bytes)
-            if problem:
-                raise StorageError(f"token cache at {self.storage.url(prefix + 'meta.json')}: {problem}")
-            with open(tmp / "meta.json", "wb") as f:  # last: its presence marks the cache complete
-                f.write(meta_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            if (final / "meta.json").is_file():
-                return final  # another process (a torchrun rank) published it meanwhile
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover without meta.json
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
-
     # --- checkpoints: upload --------------------------------------------------------------------------
 
-    def upload_checkpoint(self, local_dir: Path) -> UploadResult:
+    def upload_checkpoint(self, local_dir: Path, cancel: threading.Event | None = None) -> UploadResult:
         """Upload one committed local checkpoint under this attempt, then commit it with the manifest."""
         t0, local_dir = time.monotonic(), Path(local_dir)
         problem = checkpoint.verify(local_dir)
         if problem is not None:
             raise CheckpointError(f"not uploading {local_dir}: {problem}")
         manifest = checkpoint.read_manifest(local_dir)
-        step = int(manifest["step"])
+        nbytes = sum(entry["size"] for entry in manifest["files"].values())
 
-        def result(committed: bool, note: str, nbytes: int = 0) -> UploadResult:
-            return UploadResult(step, nbytes, time.monotonic() - t0, committed, note)
+        def sender(name: str) -> Callable[[str], None]:
+            return lambda key: self.storage.put(key, local_dir / name, cancel=cancel)
+
+        senders = {name: sender(name) for name in manifest["files"]}
+        return self._upload(int(manifest["step"]), senders, lambda: manifest, lambda: nbytes, cancel, t0)
+
+    def upload_staged(
+        self,
+        step: int,
+        names: tuple[str, ...],
+        data: Callable[[str], Data],
+        manifest: Callable[[], dict],
+        cancel: threading.Event | None = None,
+    ) -> UploadResult:
+        """Upload a checkpoint from memory while it is still being written locally (the emergency path).
+
+        Each file goes up as soon as `data(name)` has it; `manifest()` blocks until the local writer has the
+        sizes and sha256 (or raises if it failed), and only then is the manifest written: the same commit
+        as upload_checkpoint's.
+        """
+        t0, sizes = time.monotonic(), {}
+
+        def sender(name: str) -> Callable[[str], None]:
+            def send(key: str) -> None:
+                view = data(name)
+                sizes[name] = memoryview(view).nbytes
+                self.storage.put_bytes(key, view, cancel=cancel)
+
+            return send
+
+        senders = {name: sender(name) for name in names}
+        return self._upload(step, senders, manifest, lambda: sum(sizes.values()), cancel, t0)
+
+    def _upload(
+        self,
+        step: int,
+        senders: Senders,
+        manifest_fn: Callable[[], dict],
+        nbytes: Callable[[], int],
+        cancel: threading.Event | None,
+        t0: float,
+    ) -> UploadResult:
+        def result(committed: bool, note: str, sent_bytes: int = 0) -> UploadResult:
+            return UploadResult(step, sent_bytes, time.monotonic() - t0, committed, note)
 
         if self.storage.exists(self.manifest_key(step)):  # a resumed process redoing a step: send nothing
-            return self._record(result(*self._settle(step, manifest)))
+            return self._record(result(*self._settle(step, manifest_fn())))
         attempt_prefix = f"{self._step_prefix(step)}{self.attempt}/"
-        keys = {name: attempt_prefix + name for name in manifest["files"]}
-        remote = {**manifest, "attempt": self.attempt, "run_id": self.run_id, "keys": keys}
-        nbytes, sent = sum(entry["size"] for entry in manifest["files"].values()), []
+        keys = {name: attempt_prefix + name for name in senders}
+        sent: list[str] = []
+        manifest_sent = False
         try:
             for name, key in keys.items():
-                self.storage.put(key, local_dir / name)
+                senders[name](key)
                 sent.append(key)
+            manifest = manifest_fn()
+            if int(manifest["step"]) != step or set(manifest["files"]) != set(keys):
+                raise CheckpointError(f"step {step}: the local manifest does not describe these files")
+            remote = {**manifest, "attempt": self.attempt, "run_id": self.run_id, "keys": keys}
             body = json.dumps(remote, indent=1).encode()
+            if cancel is not None and cancel.is_set():
+                raise UploadCancelled(f"upload of step {step} cancelled before its commit")
+            manifest_sent = True
             self.storage.put_bytes(self.manifest_key(step), body, if_none_match=True)
         except CommitConflict:
             self._delete(sent)  # the winner's manifest never points at this attempt's files
-            return self._record(result(*self._settle(step, manifest), nbytes))
+            return self._record(result(*self._settle(step, manifest_fn()), nbytes()))
         except BaseException:
             # Shards without a manifest attempt are garbage; after a failed manifest write they are not:
             # it may have landed anyway. prune() removes whatever stays behind.
-            if len(sent) < len(keys):
+            if not manifest_sent:
                 with contextlib.suppress(Exception):
                     self._delete(sent)
             raise
@@ -213,9 +190,9 @@ class Remote:
             # stays open, billed. This prefix is this attempt's alone, so nobody else is writing there.
             with contextlib.suppress(Exception):
                 self.storage.abort_stale_uploads(attempt_prefix)
-        self._point_latest(step)
+        self._point_latest(step, self.attempt)
         return self._record(
-            result(True, f"step {step} committed at {self.storage.url(self.manifest_key(step))}", nbytes)
+            result(True, f"step {step} committed at {self.storage.url(self.manifest_key(step))}", nbytes())
         )
 
     def _record(self, outcome: UploadResult) -> UploadResult:
@@ -224,122 +201,34 @@ class Remote:
         return outcome
 
     def _settle(self, step: int, manifest: dict) -> tuple[bool, str]:
-        """(committed, note) when the step already has a manifest: identical files count as committed."""
+        """(committed, note) when the step already has a manifest: identical files count as committed.
+
+        A committed step also gets LATEST: a process killed between its manifest and LATEST left the hint
+        on an older step, and the resumed process that finds the step committed is the one to fix it.
+        """
         try:
             theirs = self._manifest(step)
         except CheckpointError as e:
             theirs = {"attempt": f"? ({e})"}
         who = f"step {step} is already committed by attempt {theirs.get('attempt')}"
-        if _digests(theirs) == _digests(manifest):
+        if digests(theirs) == digests(manifest):
+            if isinstance(theirs.get("attempt"), str):
+                self._point_latest(step, theirs["attempt"])
             return True, f"{who} with identical files"
         note = f"conflict: {who} with other files; left it in place, dropped attempt {self.attempt}"
         log.warning("%s: %s", self.storage.url(self.manifest_key(step)), note)
         return False, note
 
-    def _point_latest(self, step: int) -> None:
+    def _point_latest(self, step: int, attempt: str) -> None:
         key = f"{self.run_key}/LATEST"
         try:
             # LATEST is foreign data: a "step" that is no number must not fail an upload that has committed.
             with contextlib.suppress(ObjectNotFound, ValueError, AttributeError, TypeError):
-                if json.loads(self.storage.get_bytes(key)).get("step", -1) > step:
+                if json.loads(self.storage.get_bytes(key)).get("step", -1) >= step:
                     return  # never move the hint backwards (a resumed process redoing an old step)
-            self.storage.put_bytes(key, json.dumps({"step": step, "attempt": self.attempt}).encode())
+            self.storage.put_bytes(key, json.dumps({"step": step, "attempt": attempt}).encode())
         except StorageError as e:  # only a hint: the manifest already committed the step
             log.warning("could not update %s: %s", self.storage.url(key), e)
-
-    # --- checkpoints: read back -----------------------------------------------------------------------
-
-    def _scan(self) -> dict[int, _StepKeys]:
-        base, found = f"{self.run_key}/checkpoints/", {}
-        for key in self.storage.list(base):
-            match = _STEP_KEY.fullmatch(key[len(base) :])
-            # Keys check_key refuses (a planted 'step-00000001/../x') are not ours to touch, or to delete.
-            if match and _safe_key(key):
-                entry = found.setdefault(int(match[1]), _StepKeys())
-                if match[2]:
-                    entry.committed = True
-                else:
-                    entry.attempts.setdefault(match[3], []).append(key)
-        return found
-
-    def steps(self) -> list[int]:
-        """Committed steps (those with a manifest), newest first; not yet verified."""
-        return sorted((step for step, keys in self._scan().items() if keys.committed), reverse=True)
-
-    def _manifest(self, step: int) -> dict:
-        where = self.storage.url(self.manifest_key(step))
-        try:
-            manifest = json.loads(self.storage.get_bytes(self.manifest_key(step)))
-        except ObjectNotFound:
-            raise CheckpointError(f"{where}: missing") from None
-        except ValueError:
-            raise CheckpointError(f"{where}: not valid JSON") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != checkpoint.FORMAT:
-            raise CheckpointError(f"{where}: unknown manifest format")
-        return manifest
-
-    def _manifests(self, steps: list[int]) -> dict[int, dict]:
-        """Readable manifests of steps; an unreadable one counts as empty (no val_loss, no attempt)."""
-        found = {}
-        for step in steps:
-            try:
-                found[step] = self._manifest(step)
-            except CheckpointError:
-                found[step] = {}
-        return found
-
-    def fetch(self, step: int, dst_root: Path) -> Path:
-        """Download step into dst_root/step-N through a temp dir, verified like a local checkpoint."""
-        manifest, dst_root = self._manifest(step), Path(dst_root)
-        final = checkpoint.step_dir(dst_root, step)
-        here = final.is_dir() and checkpoint.verify(final) is None
-        if here and _digests(checkpoint.read_manifest(final)) == _digests(manifest):
-            return final  # already here, byte for byte: nothing to download
-        keys, where = manifest.get("keys", {}), f"remote step-{step:08d}"
-        # The file names become local paths and come from the bucket: only the checkpoint's own names pass,
-        # and a bad key is a broken checkpoint (fall back to the previous one), not a crash.
-        if (
-            not isinstance(keys, dict)
-            or set(keys) != set(manifest.get("files", {}))
-            or set(keys) != set(checkpoint.FILES)
-            or not all(
-                isinstance(k, str) and k.startswith(self._step_prefix(step)) and _safe_key(k)
-                for k in keys.values()
-            )
-        ):
-            raise CheckpointError(f"{where}: manifest keys do not match its files")
-        dst_root.mkdir(parents=True, exist_ok=True)
-        tmp = dst_root / f"{checkpoint.TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()  # a crash leaves it to checkpoint.clean_stale()
-        try:
-            for name, key in keys.items():
-                try:
-                    self.storage.get(key, tmp / name)
-                except ObjectNotFound:
-                    raise CheckpointError(f"{where}/{name}: missing at {self.storage.url(key)}") from None
-            local = {k: v for k, v in manifest.items() if k not in _REMOTE_ONLY}
-            (tmp / "manifest.json").write_text(json.dumps(local, indent=1))
-            problem = checkpoint.verify(tmp)
-            if problem is not None:
-                raise CheckpointError(problem.replace(tmp.name, where))
-            if final.exists():  # a different or broken local copy: set aside, never silently deleted
-                final.rename(dst_root / f".replaced-{final.name}-{uuid.uuid4().hex[:8]}")
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
-
-    def fetch_latest_valid(self, dst_root: Path, warn: Callable[[str], None] = print) -> Path | None:
-        """The newest remote checkpoint that downloads and verifies; each skipped one goes through warn.
-
-        Only a missing object or a hash mismatch falls back; other storage errors (no network) raise.
-        """
-        for step in self.steps():
-            try:
-                return self.fetch(step, dst_root)
-            except CheckpointError as e:
-                warn(f"skipping remote checkpoint: {e}; falling back to the previous one")
-        return None
 
     # --- housekeeping ---------------------------------------------------------------------------------
 
@@ -349,8 +238,9 @@ class Remote:
         """Apply the run's Retention to the bucket; returns the steps deleted.
 
         Kept: what Retention keeps (the newest keep_last, the keep_best lowest val_loss, protect). Also
-        removes attempts no manifest points at, but only below the newest commit: above it (and at it) a
-        writer may still be uploading.
+        removes attempts no manifest points at: below the newest commit all of them; at the newest commit
+        those of this process and of the processes before it (attempt ids sort by start time; a newer one
+        may still be racing); above it only this process's own (anyone else may still be uploading there).
         """
         scan = self._scan()
         committed = sorted((s for s, keys in scan.items() if keys.committed), reverse=True)
@@ -358,6 +248,7 @@ class Remote:
             return []
         # "Newest" counts manifests nobody verified, and a newer broken or foreign one must not push this
         # run's good checkpoints out: what this process committed itself, from a verified copy, stays.
+        busy = set(protect)  # steps still uploading or pending: their attempts are left alone
         if self.last_committed is not None:
             protect = {*protect, self.last_committed}
         newest, manifests = committed[0], self._manifests(committed)
@@ -365,61 +256,19 @@ class Remote:
         keep = Retention(keep_last, keep_best).keep(committed, val_loss, protect)
         deleted = []
         for step, keys in sorted(scan.items()):
-            if step >= newest or step in protect:
+            if step in busy:
                 continue
-            if keys.committed and step not in keep:
+            live = manifests.get(step, {}).get("attempt")
+            if step > newest:  # uncommitted: only our own leftovers (an abandoned or cancelled upload)
+                self._delete(keys.attempts.get(self.attempt, []))
+            elif step == newest:
+                if "attempt" in manifests[step]:
+                    stale = [a for a in keys.attempts if a != live and a <= self.attempt]
+                    self._delete([k for a in stale for k in keys.attempts[a]])
+            elif keys.committed and step not in keep:
                 self.storage.delete(self.manifest_key(step))  # uncommit first: a crash leaves only orphans
                 self._delete([k for ks in keys.attempts.values() for k in ks])
                 deleted.append(step)
             elif not keys.committed or "attempt" in manifests[step]:
-                live = manifests.get(step, {}).get("attempt")
                 self._delete([k for a, ks in keys.attempts.items() if a != live for k in ks])
         return deleted
-
-    def archive(
-        self, older_than_days: float, storage_class: str = "GLACIER_IR", now: float | None = None
-    ) -> list[int]:
-        """Move checkpoints older than older_than_days to a colder storage class; returns the steps moved.
-
-        The newest and the best (lowest val_loss) stay hot, and so do manifests: listing and prune read
-        them often, and cold classes bill small objects as 128 KiB. Idempotent.
-        """
-        if storage_class not in ARCHIVE_CLASSES:
-            raise ValueError(f"storage_class={storage_class!r}: fetch() can read only {ARCHIVE_CLASSES}")
-        if storage_class not in self.storage.storage_classes():
-            where = type(self.storage).__name__
-            log.info("archive: %s has no storage class %s; nothing to do", where, storage_class)
-            return []
-        cutoff = (time.time() if now is None else now) - older_than_days * 86400
-        committed = self.steps()
-        manifests = self._manifests(committed)
-        hot = {*committed[:1], *_best(manifests, 1)}
-        moved = []
-        for step, manifest in sorted(manifests.items()):
-            if step in hot or manifest.get("created", math.inf) > cutoff:
-                continue
-            keys = [k for k in manifest.get("keys", {}).values() if isinstance(k, str) and _safe_key(k)]
-            changed = [self.storage.set_storage_class(key, storage_class) for key in keys]
-            if any(changed):
-                moved.append(step)
-        return moved
-
-
-def _cache_problem(tmp: Path, meta_bytes: bytes) -> str | None:
-    """Why the downloaded token cache in tmp does not match its meta.json, or None."""
-    if not (tmp / "tokenizer.json").is_file():
-        return "tokenizer.json is missing"
-    try:
-        meta = json.loads(meta_bytes)
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        shards = {
-            f"{split}-{i:05d}.bin": n * itemsize
-            for split, ns in meta["shards"].items()
-            for i, n in enumerate(ns)
-        }
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return "meta.json is malformed"
-    for name, size in shards.items():
-        if not (tmp / name).is_file() or (tmp / name).stat().st_size != size:
-            return f"{name} is missing or not {size} bytes"
-    return None

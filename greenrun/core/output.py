@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -67,8 +68,10 @@ class Reporter:
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
         self.task: Any = None
+        self._total, self._from, self._t0 = 0, 0, None
 
     def start(self, total: int, completed: int = 0) -> None:
+        self._total, self._from, self._t0 = total, completed, time.monotonic()
         if not (self.enabled and self.live):
             return
         self.progress = Progress(
@@ -99,7 +102,17 @@ class Reporter:
         for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("tok_per_s", ",.0f")):
             if key in record:
                 parts.append(f"{key} {record[key]:{fmt}}")
+        eta = self._eta(record["step"])
+        if eta:
+            parts.append(f"eta {eta}")
         self.console.print("  ".join(parts))
+
+    def _eta(self, step: int) -> str:
+        """Time left at the pace since start(), e.g. '3m12s': a slow run shows itself in the log."""
+        if self._t0 is None or step <= self._from or step >= self._total:
+            return ""
+        left = (self._total - step) * (time.monotonic() - self._t0) / (step - self._from)
+        return f"{int(left // 60)}m{int(left % 60):02d}s" if left >= 60 else f"{left:.0f}s"
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -117,8 +130,14 @@ class Reporter:
             table.add_row("first val loss", f"{first:.4f} ({100 * (1 - val / first):.0f}% lower now)")
         table.add_row("steps", str(result["step"]))
         table.add_row("tokens", f"{result['tokens']:,}")
-        table.add_row("wall time", f"{result['wall_s']:.1f} s")
-        table.add_row("throughput", f"{result['tok_per_s']:,.0f} tok/s")
+        run_wall = result.get("run_wall_s", result["wall_s"])
+        if run_wall - result["wall_s"] > 0.05:  # resumed: the tokens count every process, so does this
+            table.add_row(
+                "wall time", f"{run_wall:.1f} s the whole run, {result['wall_s']:.1f} s this process"
+            )
+        else:
+            table.add_row("wall time", f"{result['wall_s']:.1f} s")
+        table.add_row("throughput", f"{result['tok_per_s']:,.0f} tok/s (this process)")
         table.add_row("run directory", run_dir)
         self.console.print(table)
         if sample:

@@ -11,7 +11,16 @@ reads the user's own files instead.
 
 from greenrun.data.cache import EOT, FORMAT_VERSION, build
 from greenrun.data.dataset import Dataset
-from greenrun.data.sources import SOURCES, DataConfig, DataError, Doc, Source, documents, validate
+from greenrun.data.sources import (
+    SOURCES,
+    DataConfig,
+    DataError,
+    Doc,
+    Source,
+    documents,
+    sample_prompt,
+    validate,
+)
 
 __all__ = [
     "EOT",
@@ -24,5 +33,6 @@ __all__ = [
     "Source",
     "build",
     "documents",
+    "sample_prompt",
     "validate",
 ]

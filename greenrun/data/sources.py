@@ -38,7 +38,7 @@ class DataConfig:
     paths: list[str] = maths(factory=list, local=True)  # files or globs (** recurses) for source=text; ~ ok
     max_chars: int = maths(4_000_000)  # cap on corpus characters read (0 = no cap); keeps CPU runs fast
     val_fraction: float = maths(0.05)  # share of tokens held out for validation (the stream tail), in (0, 1)
-    cache_dir: str = plain("~/.cache/greenrun", local=True)  # tokenizer + token shards, keyed by text and settings
+    cache_dir: str = plain("~/.cache/greenrun", local=True)  # tokens + tokenizer, keyed by text and settings
     shard_tokens: int = maths(16_777_216)  # tokens per memory-mapped shard; batch windows never cross one
     encoding: str = maths("utf-8")  # text encoding of the data.paths files, e.g. latin-1 or cp1252
     encoding_errors: str = maths("strict")  # a file that does not decode: strict (refuse) | replace | skip
@@ -53,6 +53,8 @@ class Doc:
 
 class Source:
     """One data.source: the corpus documents, in the order they are read."""
+
+    sample_prompt = "\n"  # what the end-of-run sample starts from, unless trainer.sample_prompt says
 
     def problems(self, cfg: DataConfig) -> list[str]:
         """What this source alone requires of cfg, seen without reading the corpus."""
@@ -82,6 +84,11 @@ def validate(cfg: DataConfig) -> list[str]:
     except LookupError:
         problems.append(f"data.encoding: unknown encoding {cfg.encoding!r}; e.g. utf-8, latin-1, cp1252")
     return problems
+
+
+def sample_prompt(cfg: DataConfig) -> str:
+    """The source's own prompt for the end-of-run sample."""
+    return SOURCES.get(cfg.source).sample_prompt
 
 
 def documents(cfg: DataConfig) -> list[Doc]:
@@ -139,6 +146,8 @@ def _is_table(lines: list[str]) -> bool:
 @SOURCES.register("stdlib")
 class Stdlib(Source):
     """The running interpreter's standard library source: real text, present everywhere, no download."""
+
+    sample_prompt = "def "
 
     def documents(self, cfg: DataConfig) -> list[Doc]:
         root = Path(sysconfig.get_paths()["stdlib"])

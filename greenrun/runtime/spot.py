@@ -3,8 +3,10 @@
 Signals (SIGTERM from torchrun/Kubernetes/systemd, SIGINT from a terminal, SIGUSR1 from SLURM's
 `--signal=USR1@90`) and cloud metadata notices (AWS, GCP, Azure) all end up in one place: the first one
 sets `requested`; the trainer sees it at the next step boundary, writes an emergency checkpoint, calls
-`finished()` and exits with EXIT_PREEMPTED. A second signal raises PreemptionAbort (exit EXIT_ABORTED), and
-a watchdog ends the process with EXIT_ABORTED if no checkpoint is committed within `deadline_s`.
+`finished()` and exits with EXIT_PREEMPTED (committed in the bucket) or EXIT_LOCAL_ONLY (only on this disk).
+A second signal raises PreemptionAbort (exit EXIT_ABORTED), and a watchdog ends the process with EXIT_ABORTED
+if no checkpoint is committed by the deadline: `spot.deadline_s` after a signal, or the notice's own window
+when a metadata notice gave a longer one (AWS: about 120 s).
 
 Each cloud is one MetadataProvider class registered in PROVIDERS under its `spot.provider` name.
 """
@@ -12,6 +14,7 @@ Each cloud is one MetadataProvider class registered in PROVIDERS under its `spot
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import logging
 import math
@@ -24,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from greenrun.core.fields import plain
@@ -31,8 +35,11 @@ from greenrun.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a clean emergency checkpoint exists, so schedulers should simply retry
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the emergency checkpoint is committed in the run's storage: resume it
 EXIT_ABORTED = 76  # the deadline passed or a second signal came: the newest checkpoint may be an older one
+# The newest checkpoint is committed on this machine's disk only (its upload failed or missed the deadline):
+# resume here if the disk survives, else from the newest checkpoint in the bucket, which the log names.
+EXIT_LOCAL_ONLY = 77
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # One slow request must not hold up the next poll or close(); the metadata services answer in milliseconds.
@@ -43,12 +50,13 @@ _AWS_TOKEN_TTL_S = 21600  # the IMDSv2 maximum (6 h); the token is refreshed at 
 _DUPLICATE_WINDOW_S = 1.0
 _ON_ABORT_TIMEOUT_S = 2.0  # a hung on_abort must not eat the slack left before the platform's SIGKILL
 _WATCHDOG_TICK_S = 0.05
+_NOTICE_MARGIN_S = 5.0  # of a notice's window: the platform's own shutdown starts at its stated time
 
 
 @dataclass
 class SpotConfig:
     provider: str = plain("none")  # none | aws | gcp | azure: metadata service to poll; signals always work
-    metadata_url: str | None = plain(None)  # metadata base URL override (tests); None = provider's default
+    metadata_url: str | None = plain(None, local=True)  # base URL override (tests); None = provider's default
     poll_interval_s: float = plain(5.0)  # seconds between polls, > 0 (AWS warns 120 s ahead, GCP ~30 s)
     deadline_s: float = plain(25.0)  # seconds from notice/signal to a committed emergency checkpoint, > 0
 
@@ -57,18 +65,28 @@ class SpotConfig:
 Http = Callable[[str, str, dict[str, str]], tuple[int, str]]
 
 
+@dataclass
+class Notice:
+    """A preemption notice with the time it leaves, when the provider says (a plain str notice does not)."""
+
+    reason: str
+    window_s: float | None = None  # seconds from now until the platform reclaims the machine
+
+
 class MetadataProvider:
     """One cloud's preemption notice: where its metadata service answers and how a notice reads.
 
     The watcher makes one instance per run and calls `check` every poll_interval_s; an instance may keep
-    state between polls (AWS's session token). `check` returns the notice, None when there is none, and
-    raises when the service cannot tell (the watcher logs it and keeps polling).
+    state between polls (AWS's session token). `check` returns the notice (a reason, or a Notice that also
+    says how long is left), None when there is none, and raises when the service cannot tell (the watcher
+    logs it and keeps polling).
     """
 
     default_url = ""  # the metadata service's base URL; spot.metadata_url overrides it
     polls = True  # False: no metadata service at all, only signals
+    window_s: float | None = None  # the notice's usual lead time, when a notice does not state its own
 
-    def check(self, http: Http) -> str | None:
+    def check(self, http: Http) -> str | Notice | None:
         raise NotImplementedError
 
 
@@ -111,6 +129,7 @@ class PreemptionWatcher:
         self.requested = False
         self.reason = ""
         self.notice_time: float | None = None  # time.monotonic() of the first signal or notice
+        self.deadline_s = cfg.deadline_s  # for this preemption: the notice's window when it is longer
         self._provider = PROVIDERS.get(cfg.provider)()
         self._base_url = (cfg.metadata_url or self._provider.default_url).rstrip("/")
         # Metadata addresses are link-local: an http_proxy from the environment would only break them.
@@ -154,25 +173,31 @@ class PreemptionWatcher:
         self.close()
 
     def finished(self) -> None:
-        """Declare the emergency checkpoint committed, so the deadline watchdog stands down."""
+        """Declare the emergency save over (committed, or given up before the deadline): the watchdog stands down."""
         self._finished = True
 
     def remaining_s(self) -> float:
         """Seconds left before the deadline (may reach 0); inf while no preemption was requested."""
         if self.notice_time is None:
             return math.inf
-        return max(0.0, self.cfg.deadline_s - (time.monotonic() - self.notice_time))
+        return max(0.0, self.deadline_s - (time.monotonic() - self.notice_time))
 
     # --- signals and the deadline ---------------------------------------------------------------------
 
-    def _request(self, reason: str) -> None:
+    def _request(self, reason: str, window_s: float | None = None) -> None:
         with self._lock:
             if self.requested:
                 return
+            # A notice that leaves longer than spot.deadline_s gets its own window, less a margin.
+            longer = window_s is not None and window_s - _NOTICE_MARGIN_S > self.cfg.deadline_s
+            self.deadline_s = window_s - _NOTICE_MARGIN_S if longer else self.cfg.deadline_s
             self.notice_time = time.monotonic()  # before `requested`, so readers of the flag see a time
             self.reason = reason
             self.requested = True
-        log.warning("preemption (%s): emergency checkpoint due within %g s", reason, self.cfg.deadline_s)
+        source = "the notice's window" if longer else "spot.deadline_s"
+        log.warning(
+            "preemption (%s): emergency checkpoint due within %.0f s (%s)", reason, self.deadline_s, source
+        )
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Never raise on the first signal: an exception in the middle of a step or an optimizer update
@@ -208,7 +233,7 @@ class PreemptionWatcher:
         while not self._stop.wait(_WATCHDOG_TICK_S):
             if self._finished or self.notice_time is None or self.remaining_s() > 0:
                 continue
-            why = f"no checkpoint committed {self.cfg.deadline_s:g} s after {self.reason}"
+            why = f"no checkpoint committed {self.deadline_s:g} s after {self.reason}"
             log.error("%s: exiting with %d before the platform kills the process", why, EXIT_ABORTED)
             helper = threading.Thread(target=self._call_on_abort, args=(why,), daemon=True)
             helper.start()
@@ -241,7 +266,10 @@ class PreemptionWatcher:
                     log.info("%s metadata reachable again after %d failures", self.cfg.provider, failures)
                     failures = 0
                 if notice:
-                    self._request(notice)
+                    if isinstance(notice, Notice):
+                        self._request(notice.reason, notice.window_s)
+                    else:
+                        self._request(notice, self._provider.window_s)
                     return
             self._stop.wait(self.cfg.poll_interval_s)
 
@@ -273,6 +301,7 @@ class AwsImds(MetadataProvider):
     """EC2 spot: IMDSv2's spot/instance-action, about 120 s before the instance is reclaimed."""
 
     default_url = "http://169.254.169.254"
+    window_s = 120.0  # "two minutes before": the notice's `time` says it exactly
 
     def __init__(self) -> None:
         self._token: str | None = None
@@ -295,7 +324,7 @@ class AwsImds(MetadataProvider):
             self._refresh_at = time.monotonic() + 0.8 * _AWS_TOKEN_TTL_S
         return self._token
 
-    def check(self, http: Http) -> str | None:
+    def check(self, http: Http) -> str | Notice | None:
         for _ in range(2):
             headers = {"X-aws-ec2-metadata-token": self._token_now(http)}
             status, body = http("GET", "/latest/meta-data/spot/instance-action", headers)
@@ -307,7 +336,8 @@ class AwsImds(MetadataProvider):
         if status != 200:
             raise OSError(f"spot/instance-action returned HTTP {status}")
         action = json.loads(body)
-        return f"aws spot notice: {action.get('action', '?')} at {action.get('time', '?')}"
+        reason = f"aws spot notice: {action.get('action', '?')} at {action.get('time', '?')}"
+        return Notice(reason, _seconds_until(action.get("time"), self.window_s))
 
 
 @PROVIDERS.register("gcp")
@@ -315,6 +345,7 @@ class GcpMetadata(MetadataProvider):
     """GCE spot/preemptible VMs: instance/preempted turns TRUE about 30 s before the stop."""
 
     default_url = "http://metadata.google.internal"
+    window_s = 30.0  # GCE stops a preempted VM about 30 s after instance/preempted turns TRUE
 
     def check(self, http: Http) -> str | None:
         status, body = http("GET", "/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"})
@@ -328,13 +359,31 @@ class AzureScheduledEvents(MetadataProvider):
     """Azure spot VMs: a Preempt scheduled event, at least 30 s ahead; other event types are not ours."""
 
     default_url = "http://169.254.169.254"
+    window_s = 30.0  # Preempt events are scheduled at least 30 s ahead; NotBefore says exactly
 
-    def check(self, http: Http) -> str | None:
+    def check(self, http: Http) -> str | Notice | None:
         path = "/metadata/scheduledevents?api-version=2020-07-01"
         status, body = http("GET", path, {"Metadata": "true"})
         if status != 200:
             raise OSError(f"scheduledevents returned HTTP {status}")
         for event in json.loads(body).get("Events", []):
             if event.get("EventType") == "Preempt":
-                return f"azure scheduled event: Preempt not before {event.get('NotBefore', '?')}"
+                reason = f"azure scheduled event: Preempt not before {event.get('NotBefore', '?')}"
+                return Notice(reason, _seconds_until(event.get("NotBefore"), self.window_s))
         return None
+
+
+def _seconds_until(when: object, default: float | None) -> float | None:
+    """Seconds from now to a notice's time (ISO 8601 like AWS's, or RFC 1123 like Azure's); else default."""
+    if not isinstance(when, str):
+        return default
+    try:
+        at = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            at = email.utils.parsedate_to_datetime(when)
+        except (TypeError, ValueError):
+            return default
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return max(0.0, (at - datetime.now(timezone.utc)).total_seconds())

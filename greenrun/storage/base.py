@@ -9,6 +9,7 @@ S3 credentials come only from boto3's default chain; no config field holds them 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,11 +55,34 @@ class ObjectNotFound(StorageError):
     """get / get_bytes of a key that holds no object."""
 
 
+class StorageAccessError(StorageError):
+    """The storage answered, and the configuration is wrong: no such bucket, refused credentials, a read-only
+    root. Fixing it means changing storage.* or the credentials, so callers report it as a usage error."""
+
+
+class StorageUnreachable(StorageError):
+    """The endpoint could not be reached at all (DNS, refused connection, timeout): the network, not the config."""
+
+
+class UploadCancelled(StorageError):
+    """A put was cancelled through its `cancel` event; a multipart upload it had started is aborted."""
+
+
+# What put_bytes accepts: anything with the buffer protocol (bytes, a memoryview of an mmap).
+Data = bytes | bytearray | memoryview
+
+
 class Storage(Protocol):
     """Keys are '/'-separated and relative; each backend adds its own root or prefix."""
 
-    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None: ...
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None: ...
+    # `cancel`, once set, makes a put stop as soon as it can and raise UploadCancelled; nothing it started
+    # stays behind (a multipart upload is aborted, a local temp file removed).
+    def put(
+        self, key: str, src: Path, *, if_none_match: bool = False, cancel: threading.Event | None = None
+    ) -> None: ...
+    def put_bytes(
+        self, key: str, data: Data, *, if_none_match: bool = False, cancel: threading.Event | None = None
+    ) -> None: ...
     def get(self, key: str, dst: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def list(self, prefix: str) -> list[str]: ...  # every key under prefix (plain string prefix), sorted
@@ -68,6 +92,9 @@ class Storage(Protocol):
     def abort_stale_uploads(self, prefix: str) -> int: ...  # leftovers of interrupted writes; returns count
     def storage_classes(self) -> tuple[str, ...]: ...  # what set_storage_class accepts; () = no classes
     def set_storage_class(self, key: str, storage_class: str) -> bool: ...  # True if the class changed
+    # One cheap call that proves the storage is usable before anything expensive starts. Raises
+    # StorageAccessError (bucket, credentials, permissions: a configuration problem) or StorageUnreachable.
+    def check_access(self) -> None: ...
 
 
 class Backend(Storage, Protocol):
@@ -81,6 +108,19 @@ class Backend(Storage, Protocol):
 
 # storage.kind -> its class; each backend registers itself where it is defined (local.py, s3.py).
 BACKENDS: Registry[type[Backend]] = Registry("storage.kind")
+
+
+def access_problems(cfg: StorageConfig, local_root: Path) -> list[str]:
+    """Configuration problems one cheap call to cfg's storage finds (empty when it answers and accepts us).
+
+    A network failure is not a configuration problem: it raises StorageUnreachable ("could not connect to
+    <endpoint>"). Call it after config validation and before the preflight, which takes far longer.
+    """
+    try:
+        BACKENDS.get(cfg.kind).from_config(cfg, local_root).check_access()
+    except StorageAccessError as e:
+        return [str(e)]
+    return []
 
 
 def check_key(key: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -12,8 +13,11 @@ from greenrun.core.fs import TMP_PREFIX, Exists, atomic_write
 from greenrun.storage.base import (
     BACKENDS,
     CommitConflict,
+    Data,
     ObjectNotFound,
+    StorageAccessError,
     StorageConfig,
+    UploadCancelled,
     check_key,
     check_prefix,
 )
@@ -42,13 +46,19 @@ class LocalStorage:
             raise ValueError(f"invalid storage key {key!r}: it resolves outside {self.root}")
         return path
 
-    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None:
+    def put(
+        self, key: str, src: Path, *, if_none_match: bool = False, cancel: threading.Event | None = None
+    ) -> None:
         dst = self._path(key)
         with open(src, "rb") as f:
-            _write(dst, lambda out: shutil.copyfileobj(f, out, _MIB), exclusive=if_none_match)
+            _write(dst, lambda out: _copy(f.read, out, cancel, dst), exclusive=if_none_match)
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
-        _write(self._path(key), data, exclusive=if_none_match)
+    def put_bytes(
+        self, key: str, data: Data, *, if_none_match: bool = False, cancel: threading.Event | None = None
+    ) -> None:
+        dst, view = self._path(key), memoryview(data).cast("B")
+        chunks = (view[i : i + _MIB] for i in range(0, len(view), _MIB))
+        _write(dst, lambda out: _copy(lambda n: next(chunks, b""), out, cancel, dst), exclusive=if_none_match)
 
     def get(self, key: str, dst: Path) -> None:
         try:
@@ -104,6 +114,25 @@ class LocalStorage:
     def set_storage_class(self, key: str, storage_class: str) -> bool:
         self._path(key)  # a bad key is refused here as everywhere else
         return False
+
+    def check_access(self) -> None:
+        """The root (or, before it exists, the nearest directory above it) is a directory we may write in."""
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir():
+            raise StorageAccessError(f"cannot write under {self.root}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageAccessError(
+                f"cannot write under {self.root}: {existing} is not writable by this user"
+            )
+
+
+def _copy(read: Callable[[int], Any], out: IO[bytes], cancel: threading.Event | None, dst: Path) -> None:
+    """Copy chunks of `read` into out, stopping between chunks once `cancel` is set (atomic_write then
+    removes the temp file, so a cancelled put leaves nothing)."""
+    while chunk := read(_MIB):
+        if cancel is not None and cancel.is_set():
+            raise UploadCancelled(f"write of {dst} cancelled")
+        out.write(chunk)
 
 
 def _write(dst: Path, data: bytes | Callable[[IO[bytes]], Any], *, exclusive: bool) -> None:

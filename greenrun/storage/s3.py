@@ -12,9 +12,9 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ import boto3
 from boto3.exceptions import RetriesExceededError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 
 from greenrun.core.fs import TMP_PREFIX
 from greenrun.storage.base import (
@@ -34,12 +40,16 @@ from greenrun.storage.base import (
     READ_TIMEOUT_S,
     SDK_LOGGERS,
     CommitConflict,
+    Data,
     ObjectNotFound,
+    StorageAccessError,
     StorageConfig,
     StorageError,
+    StorageUnreachable,
     check_key,
     check_prefix,
 )
+from greenrun.storage.parts import Parts, check_cancel, code_of, multipart_etag, status_of, was_retried
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,9 @@ STORAGE_CLASSES = (
 )
 COPY_OBJECT_LIMIT = 5 * 1024**3  # CopyObject's largest source; beyond it only a multipart copy works
 _BIG_COPY = TransferConfig(multipart_chunksize=512 * 1024**2)  # 10,000 parts of 8 MiB would cap at 80 GiB
+_CANCEL_GRACE_S = 0.25  # after a cancel: a moment for in-flight parts to end before the second abort
+# Codes that mean "this endpoint/region does not serve this bucket": storage.region or storage.endpoint_url.
+_REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
 
 
 def quiet_sdk_loggers() -> None:
@@ -94,6 +107,11 @@ class S3Storage:
         self.client = session.client(
             "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=config
         )
+        # check_access() must answer in seconds: two tries, not storage.max_attempts with backoff.
+        quick = config.merge(Config(retries={"mode": cfg.retry_mode, "total_max_attempts": 2}))
+        self._quick_client = lambda: session.client(
+            "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=quick
+        )
         self._download_config = TransferConfig(
             multipart_threshold=self.part_size,
             multipart_chunksize=self.part_size,
@@ -120,15 +138,42 @@ class S3Storage:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
 
-    def put(self, key: str, src: Path, *, if_none_match: bool = False) -> None:
+    def check_access(self) -> None:
+        """One ListObjectsV2 of at most one key under the prefix: the bucket exists, the credentials sign and
+        may list there (every run lists its checkpoints), and the endpoint answers."""
+        full_prefix = f"{self.prefix}/" if self.prefix else ""
+        with self._failing("list", full_prefix):
+            self._quick_client().list_objects_v2(Bucket=self.bucket, Prefix=full_prefix, MaxKeys=1)
+
+    def put(
+        self, key: str, src: Path, *, if_none_match: bool = False, cancel: threading.Event | None = None
+    ) -> None:
         full, size = self._full(key), os.path.getsize(src)
+        check_cancel(cancel, full)
         if size <= self.part_size:
             self._put_object(full, Path(src).read_bytes(), if_none_match)
-        else:
-            self._put_multipart(full, Path(src), size, if_none_match)
+            return
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
-        self._put_object(self._full(key), data, if_none_match)
+        def read_part(number: int) -> bytes:
+            with open(src, "rb") as f:
+                f.seek((number - 1) * self.part_size)
+                return f.read(self.part_size)
+
+        self._put_multipart(full, read_part, size, if_none_match, cancel, str(src))
+
+    def put_bytes(
+        self, key: str, data: Data, *, if_none_match: bool = False, cancel: threading.Event | None = None
+    ) -> None:
+        full, view = self._full(key), memoryview(data).cast("B")
+        check_cancel(cancel, full)
+        if len(view) <= self.part_size:
+            self._put_object(full, bytes(view), if_none_match)
+            return
+
+        def read_part(number: int) -> bytes:
+            return bytes(view[(number - 1) * self.part_size : number * self.part_size])
+
+        self._put_multipart(full, read_part, len(view), if_none_match, cancel, f"{len(view)} bytes")
 
     def _put_object(self, full: str, data: bytes, if_none_match: bool) -> None:
         condition = {"IfNoneMatch": "*"} if if_none_match else {}
@@ -138,19 +183,27 @@ class S3Storage:
                     self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition)
                     return
                 except ClientError as e:
-                    if if_none_match and _status(e) == 412:
-                        if _was_retried(e) and self._etag_or_none(full) == hashlib.md5(data).hexdigest():
+                    if if_none_match and status_of(e) == 412:
+                        if was_retried(e) and self._etag_or_none(full) == hashlib.md5(data).hexdigest():
                             return  # our first attempt landed but its answer was lost; the retry saw it
                         raise CommitConflict(f"s3://{self.bucket}/{full} already exists") from None
-                    if _code(e) != "ConditionalRequestConflict" or attempt == 3:
+                    if code_of(e) != "ConditionalRequestConflict" or attempt == 3:
                         raise
                     time.sleep(0.5 * attempt)  # a concurrent conditional write to this key is in flight
 
-    def _put_multipart(self, full: str, src: Path, size: int, if_none_match: bool) -> None:
+    def _put_multipart(
+        self,
+        full: str,
+        read_part: Callable[[int], bytes],
+        size: int,
+        if_none_match: bool,
+        cancel: threading.Event | None,
+        what: str,
+    ) -> None:
         count = -(-size // self.part_size)
         if count > MAX_PARTS:
             raise StorageError(
-                f"{src} needs {count} parts, S3 allows {MAX_PARTS}: raise storage.part_size_mb"
+                f"{what} needs {count} parts, S3 allows {MAX_PARTS}: raise storage.part_size_mb"
             )
         with self._failing("start an upload to", full):
             created = self.client.create_multipart_upload(
@@ -159,32 +212,48 @@ class S3Storage:
         upload_id, completed = created["UploadId"], False
         try:
             with self._failing("upload", full):
-                parts = self._upload_parts(full, upload_id, src, count)
+                parts = self._upload_parts(full, upload_id, read_part, count, cancel)
+                check_cancel(cancel, full)
                 self._complete(full, upload_id, parts, if_none_match)
             completed = True
         finally:
             if not completed:  # any failure, also KeyboardInterrupt/SystemExit from a signal handler
                 self._abort(full, upload_id)
 
-    def _upload_parts(self, full: str, upload_id: str, src: Path, count: int) -> list[dict]:
+    def _upload_parts(
+        self,
+        full: str,
+        upload_id: str,
+        read_part: Callable[[int], bytes],
+        count: int,
+        cancel: threading.Event | None,
+    ) -> list[dict]:
         def send(number: int) -> dict:
-            with open(src, "rb") as f:
-                f.seek((number - 1) * self.part_size)
-                body = f.read(self.part_size)
+            body = read_part(number)
             args = {"Bucket": self.bucket, "Key": full, "UploadId": upload_id, "PartNumber": number}
             response = self.client.upload_part(**args, Body=body, ChecksumAlgorithm="CRC32")
             # Some S3-compatible stores do not echo the checksum; completion then goes without it.
             checksum = {"ChecksumCRC32": response["ChecksumCRC32"]} if "ChecksumCRC32" in response else {}
             return {"PartNumber": number, "ETag": response["ETag"], **checksum}
 
-        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="greenrun-upload")
+        parts = Parts(send, count, self.max_concurrency, cancel)
+        urgent = True  # until the wait returns normally: a signal's exception is as urgent as a cancel
         try:
-            futures = [pool.submit(send, number) for number in range(1, count + 1)]
-            wait(futures, return_when=FIRST_EXCEPTION)
+            parts.wait()
+            urgent = cancel is not None and cancel.is_set()
         finally:
-            # A part still in flight during the abort could outlive it and stay billed: drain first.
-            pool.shutdown(wait=True, cancel_futures=True)
-        return [future.result() for future in futures]  # raises the first part's error, if any
+            parts.stop()
+            if urgent:
+                # Abort at once (the process may be about to end), give in-flight parts a moment, and let
+                # the caller abort once more: a part that lands after an abort can leave the upload billed.
+                self._abort(full, upload_id)
+                parts.drain(_CANCEL_GRACE_S)
+            else:
+                parts.drain(None)  # a part still in flight during the abort could outlive it: drain first
+        check_cancel(cancel, full)
+        if parts.error is not None:
+            raise parts.error
+        return [parts.results[number] for number in range(1, count + 1)]
 
     def _complete(self, full: str, upload_id: str, parts: list[dict], if_none_match: bool) -> None:
         condition = {"IfNoneMatch": "*"} if if_none_match else {}
@@ -192,9 +261,9 @@ class S3Storage:
         try:
             self.client.complete_multipart_upload(**args, MultipartUpload={"Parts": parts}, **condition)
         except ClientError as e:
-            if _was_retried(e) and self._etag_or_none(full) == _multipart_etag(parts):
+            if was_retried(e) and self._etag_or_none(full) == multipart_etag(parts):
                 return  # the first completion landed, its answer was lost, and the retry was refused
-            if if_none_match and _status(e) == 412:
+            if if_none_match and status_of(e) == 412:
                 raise CommitConflict(f"s3://{self.bucket}/{full} already exists") from None
             raise
 
@@ -202,13 +271,13 @@ class S3Storage:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
         except (ClientError, BotoCoreError) as e:
-            if _code(e) != "NoSuchUpload":
+            if code_of(e) != "NoSuchUpload":
                 what = f"multipart upload {upload_id} of s3://{self.bucket}/{full}"
                 log.warning(
                     "could not abort %s (%s); its parts stay billed until abort_stale_uploads() "
                     "or a bucket lifecycle rule removes them",
                     what,
-                    _code(e) or type(e).__name__,
+                    code_of(e) or type(e).__name__,
                 )
                 return False
         return True
@@ -260,7 +329,7 @@ class S3Storage:
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._full(key))
             except ClientError as e:
-                if _status(e) == 404:
+                if status_of(e) == 404:
                     return False
                 raise
         return True
@@ -296,16 +365,27 @@ class S3Storage:
     def _error(self, e: Exception, action: str, full: str) -> StorageError:
         """A StorageError that says what failed where; botocore's text carries no credentials."""
         where = f"s3://{self.bucket}/{full} (endpoint: {self.endpoint})"
-        code = _code(e)
+        code = code_of(e)
+        if isinstance(e, EndpointConnectionError | ConnectTimeoutError):
+            return StorageUnreachable(
+                f"could not connect to {self.endpoint} to {action} s3://{self.bucket}/{full}: {e} "
+                "(check the network and storage.endpoint_url)"
+            )
         if isinstance(e, NoCredentialsError) or code in ACCESS_CODES:
-            return StorageError(
+            return StorageAccessError(
                 f"could not {action} {where}: {code or e}. Credentials come only from boto3's default chain "
                 f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY env vars, AWS_PROFILE and ~/.aws, SSO, or the "
-                f"instance/container role); make sure they grant access to bucket {self.bucket!r}"
+                f"instance/container role); make sure they grant access to bucket {self.bucket!r} "
+                "(storage.bucket)"
             )
         if code == "NoSuchBucket":
-            return StorageError(
+            return StorageAccessError(
                 f"bucket {self.bucket!r} does not exist at {self.endpoint} (set storage.bucket)"
+            )
+        if code in _REGION_CODES:
+            return StorageAccessError(
+                f"could not {action} {where}: {code}; bucket {self.bucket!r} lives in another region or "
+                "behind another endpoint (set storage.region or storage.endpoint_url)"
             )
         if code in ("NoSuchKey", "404"):
             return ObjectNotFound(f"no object at {where}")
@@ -319,25 +399,3 @@ def _copy_in_place(client: Any, bucket: str, full: str, size: int, storage_class
         client.copy_object(CopySource=source, Bucket=bucket, Key=full, **args)
     else:  # the managed copy goes multipart; s3transfer aborts the upload itself if a part fails
         client.copy(source, bucket, full, ExtraArgs=args, Config=_BIG_COPY)
-
-
-def _code(e: Exception) -> str | None:
-    return (getattr(e, "response", None) or {}).get("Error", {}).get("Code")  # some BotoCoreErrors hold None
-
-
-def _status(e: Exception) -> int | None:
-    return (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-
-
-def _was_retried(e: Exception) -> bool:
-    """True when botocore had retried: a 412 may then answer our own first attempt that did land."""
-    return (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
-
-
-def _multipart_etag(parts: list[dict]) -> str | None:
-    """S3's ETag for a completed multipart upload: md5 of the parts' binary md5s, then -<count>."""
-    try:
-        digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
-    except ValueError:  # not md5 hex (e.g. SSE-KMS): cannot tell, so treat as someone else's object
-        return None
-    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
