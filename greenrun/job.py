@@ -73,6 +73,8 @@ def guarded(fn: Callable[[], JobResult]) -> JobResult:
         return JobResult(Outcome.USAGE, str(e))
     except CheckpointError as e:
         return JobResult(Outcome.FAILED, f"checkpoint: {e}")
+    except storage.StorageError as e:  # the message names the endpoint and key, never a credential
+        return JobResult(Outcome.FAILED, f"storage: {e}")
     except PreemptionAbort as e:
         return JobResult(Outcome.ABORTED, f"aborted: {e}")
     except KeyboardInterrupt:

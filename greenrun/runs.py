@@ -83,7 +83,9 @@ def hold(run_dir: Path) -> Iterator[None]:
     except (lock.Busy, UnsafePath) as e:
         raise config.ConfigError([str(e)]) from None
     except OSError as e:  # e.g. a read-only filesystem, where even root cannot create it
-        raise config.ConfigError([f"run.dir={run_dir}: cannot create it ({e.strerror}); choose another run.dir"]) from None
+        raise config.ConfigError(
+            [f"run.dir={run_dir}: cannot create it ({e.strerror}); choose another run.dir"]
+        ) from None
     try:
         for name in _WRITTEN:
             refuse_symlink(Path(run_dir) / name)
@@ -105,7 +107,9 @@ def run_dir_problems(run_dir: Path) -> list[str]:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return [f"run.dir={run_dir}: cannot create or write it ({parent} is not writable); choose another run.dir"]
+        return [
+            f"run.dir={run_dir}: cannot create or write it ({parent} is not writable); choose another run.dir"
+        ]
     return []
 
 

@@ -8,8 +8,9 @@ this machine's memory is depth-reduced, and the report says so.
 Then it predicts the full config's peak memory per device (greenrun.train.memory) and holds it against the
 target device (`smoke.target`, greenrun.train.target): a prediction that does not fit FAILs, and the report
 gives each lever that exists (micro-batch, checkpointing policy, precision, optimizer) with the peak it would
-predict. A config that trains on a GPU runs its two CPU steps in fp32, whatever its precision: CPU autocast is
-neither the GPU's kernels nor fast; the memory prediction stays the configured precision's.
+predict. A config that trains on a GPU runs its two CPU steps in fp32 when this CPU's half-precision matmuls
+are slower than its fp32 ones (most CPUs without native bf16; fp16 everywhere): CPU autocast does not test the
+GPU's kernels, and emulated it costs minutes. The memory prediction stays the configured precision's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from greenrun.config import Config
 from greenrun.core import shipped
 from greenrun.core.output import Reporter
 from greenrun.data import DataError
-from greenrun.runtime import distributed
+from greenrun.runtime import distributed, hardware
 from greenrun.train import activation_checkpointing, memory, model, optimizer, precision, target
 from greenrun.train.target import GiB, Target
 
@@ -59,27 +60,43 @@ class SmokeResult:
     target: Target | None = None  # the device the estimate is held against
     levers: list[Lever] = field(default_factory=list)  # when it does not fit: what each lever would predict
     ran_as: str = ""  # the precision the CPU steps ran in
+    ran_as_why: str = ""  # why that one, when it is not the configured precision
+    steps_failed: str = ""  # why the two CPU steps failed ("" when they passed; memory aside)
 
 
 def available_ram() -> int:
     return target.ram()
 
 
-def cpu_precision(cfg: Config, on_gpu: bool) -> str:
-    """The precision the two CPU steps run in: fp32 for an autocast precision of a GPU run, else the
-    precision's own CPU stand-in (itself, or bf16 for fp8)."""
-    option = precision.get(cfg.precision.name)
-    if on_gpu and option.autocast_dtype is not None:
-        return FP32
-    return option.cpu_stand_in
+def cpu_precision(cfg: Config, on_gpu: bool) -> tuple[str, str]:
+    """(precision, why) for the two CPU steps: the configured precision's CPU stand-in (itself, or bf16 for
+    fp8), except for a run that trains on a GPU, whose autocast precision runs as fp32 where this CPU's
+    half-precision matmuls are slower than its fp32 ones (measured now, ~0.1 s): CPU autocast does not test the
+    GPU's kernels anyway, and emulated half precision can take minutes where fp32 takes seconds."""
+    name = cfg.precision.name
+    stand_in = precision.get(name).cpu_stand_in
+    why = "" if stand_in == name else "its own kernels need a GPU"
+    dtype = precision.get(stand_in).autocast_dtype
+    if not on_gpu or dtype is None:
+        return stand_in, why
+    fp32, half = hardware.matmul_rates(dtype)
+    if half >= fp32:
+        return stand_in, why
+    return FP32, (
+        f"the run trains on a GPU, and {stand_in} matmuls run at {half / fp32:.2g}x fp32's speed here "
+        f"({half:.0f} vs {fp32:.0f} GFLOP/s, measured now)"
+    )
 
 
-def smoke_config(cfg: Config, n_layer: int, on_gpu: bool = False) -> Config:
-    """The same config shrunk to two CPU steps: same widths, heads and vocabulary."""
+def smoke_config(cfg: Config, n_layer: int, run_as: str | None = None) -> Config:
+    """The same config shrunk to two CPU steps: same widths, heads and vocabulary; precision `run_as` (default:
+    the configured precision's CPU stand-in)."""
     t = cfg.trainer
     return dataclasses.replace(
         cfg,
-        precision=dataclasses.replace(cfg.precision, name=cpu_precision(cfg, on_gpu)),
+        precision=dataclasses.replace(
+            cfg.precision, name=run_as or precision.get(cfg.precision.name).cpu_stand_in
+        ),
         model=dataclasses.replace(cfg.model, n_layer=n_layer, seq_len=min(cfg.model.seq_len, SMOKE_SEQ_LEN)),
         trainer=dataclasses.replace(
             t,
@@ -103,23 +120,29 @@ def run(cfg: Config) -> SmokeResult:
     params = model.count_params(cfg.model, non_embedding=False)
     where = target.resolve(cfg.smoke, cfg.trainer.device)
     estimate = _estimate(cfg)
-    too_big, levers = "", []
-    if estimate is not None and estimate.total > where.capacity():
-        too_big = (
-            f"predicted peak {_gib(estimate.total)} per device does not fit in {_gib(where.capacity())} "
-            f"({_where(where)})"
-        )
-        levers = find_levers(cfg, where)
+    too_big, levers = memory_verdict(cfg, where)
     n_layer = cfg.model.n_layer
     if params * BYTES_PER_PARAM_CPU > RAM_SHARE * available_ram():
         per_block = max(1, model.count_params(dataclasses.replace(cfg.model, n_layer=1), non_embedding=True))
         room = RAM_SHARE * available_ram() / BYTES_PER_PARAM_CPU - (params - per_block * n_layer)
         n_layer = int(max(1, min(2, room // per_block)))
-    small = smoke_config(cfg, n_layer, on_gpu=where.gpu)
+    run_as, why = cpu_precision(cfg, where.gpu)
+    small = smoke_config(cfg, n_layer, run_as)
     failed, losses = _two_steps(cfg, small)
     reason = "; ".join(r for r in (failed, too_big) if r)
     return SmokeResult(
-        not reason, reason, params, n_layer, estimate, _since(t0), losses, where, levers, small.precision.name
+        not reason,
+        reason,
+        params,
+        n_layer,
+        estimate,
+        _since(t0),
+        losses,
+        where,
+        levers,
+        run_as,
+        why,
+        failed,
     )
 
 
@@ -186,7 +209,8 @@ def check_data(dataset: data.Dataset, cfg: Config) -> None:
     more = _tokens_needed(need, d.val_fraction)
     files = "more files in data.paths" if d.source == "text" else "data=text with your files in data.paths"
     fixes.append(
-        f"more text: {files} (the corpus has {total:,} tokens; about {more:,} hold a window in each split)"
+        f"more text: {files} (the corpus has {total:,} tokens; at data.val_fraction={d.val_fraction:g} both "
+        f"splits hold a window from about {more:,})"
     )
     chars = dataset.meta.get("sources", {}).get("chars", 0)
     if d.max_chars > 0 and chars >= d.max_chars and total > 0:
@@ -249,6 +273,15 @@ def _estimate(cfg: Config) -> memory.MemoryEstimate | None:
     )
 
 
+def memory_verdict(cfg: Config, where: Target) -> tuple[str, list[Lever]]:
+    """("" or why the full config's predicted peak does not fit `where`, the levers when it does not)."""
+    estimate = _estimate(cfg)
+    if estimate is None or estimate.total <= where.capacity():
+        return "", []
+    why = f"predicted peak {_gib(estimate.total)} per device does not fit: {_gib(where.capacity())} on {_where(where)}"
+    return why, find_levers(cfg, where)
+
+
 def _switch(cfg: Config, group: str, name: str, key: str) -> tuple[str, Config]:
     """(override, config) for group `group` set to registered option `name`: its shipped YAML applied to the
     group's defaults when one exists (what `group=name` composes), else `group.key=name` alone."""
@@ -287,48 +320,39 @@ def _micro_batch(cfg: Config, capacity: int) -> tuple[str, Config] | None:
 
 
 def find_levers(cfg: Config, where: Target) -> list[Lever]:
-    """Each setting that exists and lowers the predicted peak, alone, with the peak it predicts; then, when none
-    of them fits alone, the best of each together."""
+    """Each setting that exists and lowers the predicted peak, alone, with the peak it predicts (options of one
+    kind that predict the same peak share a line); then, when none fits alone, the lowest of each kind together.
+
+    The options are the registries' (POLICIES, PRECISIONS, OPTIMIZERS), so only settings that exist are named;
+    precisions this machine's target device cannot run (fp8 on a CPU) are left out.
+    """
     capacity, base = where.capacity(), _estimate(cfg).total
     levers: list[Lever] = []
-    best: list[tuple[str, str, Config]] = []  # (group, override, config): the lowest of each kind, to combine
-
-    def lowest(group: str, options: list[tuple[str, Config]]) -> None:
-        scored = sorted(((_estimate(c).total, i) for i, (_, c) in enumerate(options)), key=lambda x: x)
-        if scored and scored[0][0] < base:
-            best.append((group, *options[scored[0][1]]))
-
+    best: list[tuple[str, str, Config]] = []  # (group, override, config): the lowest of each kind
     micro = _micro_batch(cfg, capacity)
     if micro is not None:
         levers.append(Lever(micro[0], _estimate(micro[1]).total))
-    policies = [
-        _switch(cfg, "activation_checkpointing", name, "policy")
-        for name in activation_checkpointing.POLICIES
-        if name != cfg.activation_checkpointing.policy
-    ]
-    levers += [Lever(s, _estimate(c).total) for s, c in policies if _estimate(c).total < base]
-    lowest("activation_checkpointing", policies)
-    precisions = []
-    for name in precision.PRECISIONS:
-        switched = _switch(cfg, "precision", name, "name")
-        usable = where.device is None or not precision.device_problems(switched[1].precision, where.device)
-        if name != cfg.precision.name and usable:
-            precisions.append(switched)
-    by_total: dict[int, list[str]] = {}
-    for s, c in precisions:
-        by_total.setdefault(_estimate(c).total, []).append(s)
-    levers += [Lever(" or ".join(names), total) for total, names in sorted(by_total.items()) if total < base]
-    lowest("precision", precisions)
-    optimizers = [
-        _switch(cfg, "optimizer", name, "name") for name in optimizer.OPTIMIZERS if name != cfg.optimizer.name
-    ]
-    levers += [Lever(s, _estimate(c).total) for s, c in optimizers if _estimate(c).total < base]
-    lowest("optimizer", optimizers)
+    kinds = (
+        ("activation_checkpointing", "policy", list(activation_checkpointing.POLICIES)),
+        ("precision", "name", [name for name in precision.PRECISIONS if _runs_on(name, where)]),
+        ("optimizer", "name", list(optimizer.OPTIMIZERS)),
+    )
+    for group, key, names in kinds:
+        current = getattr(getattr(cfg, group), key)
+        by_total: dict[int, list[tuple[str, Config]]] = {}
+        for name in names:
+            if name != current:
+                override, switched = _switch(cfg, group, name, key)
+                by_total.setdefault(_estimate(switched).total, []).append((override, switched))
+        lower = sorted(total for total in by_total if total < base)
+        levers += [Lever(" or ".join(o for o, _ in by_total[total]), total) for total in lower]
+        if lower:
+            best.append((group, *by_total[lower[0]][0]))
     if best and not any(lever.total <= capacity for lever in levers):
         combined, settings = cfg, []
-        for group, s, c in best:
-            combined = dataclasses.replace(combined, **{group: getattr(c, group)})
-            settings.append(s)
+        for group, override, switched in best:
+            combined = dataclasses.replace(combined, **{group: getattr(switched, group)})
+            settings.append(override)
         micro = _micro_batch(combined, capacity)
         if micro is not None:
             combined, settings = micro[1], [*settings, micro[0]]
@@ -337,11 +361,18 @@ def find_levers(cfg: Config, where: Target) -> list[Lever]:
     return levers
 
 
+def _runs_on(name: str, where: Target) -> bool:
+    """Whether precision `name` can run on the target, as far as this machine can tell (a table GPU or a bare
+    size cannot be asked)."""
+    return where.device is None or not precision.get(name).device_problems(where.device)
+
+
 # --- the report ------------------------------------------------------------------------------------------------
 
 
 def _gib(nbytes: int) -> str:
-    return f"{nbytes / GiB:.1f} GiB"
+    x = nbytes / GiB
+    return f"{x:.1f} GiB" if x >= 10 else f"{x:.2f} GiB" if x >= 1 else f"{x:.3g} GiB"
 
 
 def _where(where: Target) -> str:
@@ -364,14 +395,12 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
     c = reporter.console
     status = "[bold green]PASS[/bold green]" if result.passed else "[bold red]FAIL[/bold red]"
     c.print(f"smoke {status} in {result.seconds:.1f} s: model={cfg.model.name}, {result.params:,} parameters")
-    ran_as = result.ran_as or cfg.precision.name
-    if ran_as != cfg.precision.name and result.target is not None and result.target.gpu:
+    name = cfg.precision.name
+    if result.ran_as and result.ran_as != name:
         c.print(
-            f"  {cfg.precision.name} ran as {ran_as} on the CPU: the run trains on a GPU, and CPU autocast neither "
-            f"tests its {cfg.precision.name} kernels nor runs fast; the memory prediction is {cfg.precision.name}'s"
+            f"  {name} ran as {result.ran_as} on the CPU: {result.ran_as_why}; the memory prediction is {name}'s",
+            markup=False,
         )
-    elif ran_as != cfg.precision.name:
-        c.print(f"  {cfg.precision.name} ran as {ran_as} on the CPU (its own kernels need a GPU)")
     if result.layers_run < cfg.model.n_layer:
         c.print(
             f"  depth-reduced to {result.layers_run} of {cfg.model.n_layer} blocks: the full fp32 training state "
@@ -380,8 +409,8 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
         )
     if result.losses:
         c.print(f"  losses: {', '.join(f'{x:.4f}' for x in result.losses)}")
-    if not result.passed:
-        c.print(f"  reason: {result.reason}", markup=False)
+    if result.steps_failed:
+        c.print(f"  reason: {result.steps_failed}", markup=False)
     if result.estimate is not None:
         mb = cfg.trainer.micro_batch_size
         c.print(
@@ -404,15 +433,21 @@ def _print_fit(result: SmokeResult, c) -> None:
         return
     if total <= capacity:
         fit = [gpu.name for gpu in where.fits_on(total)]
-        small = [f"{gpu.name} ({gpu.memory_gib:g})" for gpu in target.GPUS.values() if gpu.name not in fit]
-        c.print(
-            f"  fits a GPU with {_gib(total)}: {', '.join(fit)}"
-            + (f"; too large for {', '.join(small)} GiB" if small else "")
-            + " (no GPU here: smoke.target=NAME checks one)",
-            markup=False,
+        small = [
+            f"{gpu.name} ({gpu.memory_gib:g} GiB)" for gpu in target.GPUS.values() if gpu.name not in fit
+        ]
+        on = (
+            f"too large for {', '.join(small)}; fits {', '.join(fit)}"
+            if small
+            else "fits every GPU of the table"
         )
+        c.print(f"  {_gib(total)} per GPU: {on} (no GPU here; smoke.target=NAME checks one)", markup=False)
         return
-    c.print(f"  [yellow]does not fit: {_gib(total)} needed, {_gib(capacity)} on {_where(where)}[/yellow]")
+    c.print(
+        f"  does not fit: {_gib(total)} needed, {_gib(capacity)} on {_where(where)}",
+        style="yellow",
+        markup=False,
+    )
     if not result.levers:
         c.print("  no lever lowers it: a smaller model (model.*), or a target with more memory", markup=False)
         return

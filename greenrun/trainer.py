@@ -100,7 +100,8 @@ class Trainer:
             agree=distributed.any_flag,
             barrier=distributed.barrier,
         )
-        self.energy = energy.EnergyMeter(cfg.energy)
+        # Only a CUDA run has GPUs to meter; on a CPU, NVML has nothing to say about this process.
+        self.energy = energy.EnergyMeter(cfg.energy, gpus=None if self.device.type == "cuda" else [])
         self.profiler = profiling.Windows(
             t.profile_every if self.dist.is_main else 0,
             t.profile_steps,
@@ -371,5 +372,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     fs.refuse_symlink(path)  # neither read another file as metrics nor replace it
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:  # a kill mid-write leaves half a line: it held nothing a resume needs
+            torn += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if torn:
+        log.warning(f"{path}: dropped {torn} torn line(s) a killed process left half-written")
     atomic_write(path, "".join(line + "\n" for line in kept))

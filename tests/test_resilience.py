@@ -150,3 +150,51 @@ def test_resuming_a_finished_run_changes_nothing(tiny: list[str], tmp_path: Path
             p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")
         }
         assert after == before
+
+
+def test_a_torn_last_line_in_metrics_does_not_block_resume(tiny: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "torn"
+    common = [*tiny, "trainer.max_steps=6", "trainer.log_interval=1", "preflight=false", f"run.dir={run_dir}"]
+    r = run_cli("train", *common, "trainer.stop_at_step=3", "checkpoint.interval=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 5.1, "to')  # a kill in the middle of a write
+    r = run_cli("resume", str(run_dir), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "dropped 1 torn line" in r.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6 and steps.count(4) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB tmpfs: room for one checkpoint of the test model and not for two."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_says_so_keeps_the_previous_checkpoint_and_exits_1(tiny: list[str], small_disk: Path):
+    from greenrun.ckpt import checkpoint
+
+    run_dir = small_disk / "run"
+    r = run_cli(
+        "train",
+        *tiny,
+        "trainer.max_steps=6",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=2",
+        "trainer.sample_tokens=0",
+        "preflight=false",
+        f"run.dir={run_dir}",
+    )
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "no space left on" in r.stderr and "previous checkpoints are kept" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "enforce fail" not in r.stderr
+    good = checkpoint.latest_valid(run_dir / "checkpoints")
+    assert good is not None and checkpoint.verify(good) is None
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]

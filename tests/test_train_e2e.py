@@ -19,6 +19,7 @@ def test_smoke_passes_and_reports_memory(tiny):
     r = run_cli("smoke", *tiny)
     assert r.returncode == 0, r.stderr
     assert "PASS" in r.stdout and "parameters" in r.stdout and "predicted peak" in r.stdout
+    assert "fits: " in r.stdout  # held against the training device: this RAM, or the GPU of a GPU machine
 
 
 def test_smoke_fails_cleanly_with_exit_1(tiny):

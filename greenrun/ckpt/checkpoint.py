@@ -12,6 +12,7 @@ previous good one and says so. Nothing here ever unpickles code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -125,8 +126,41 @@ class Snapshot:
 # --- write and commit ---------------------------------------------------------------------------------
 
 
+LOW_SPACE_BYTES = 64 << 20  # a write that fails with less than this free failed for want of space
+
+
 def write(snapshot: Snapshot, ckpt_root: Path) -> Path:
-    """Write, verify and commit one checkpoint; returns its directory. Never touches older checkpoints."""
+    """Write, verify and commit one checkpoint; returns its directory. Never touches older checkpoints.
+
+    A failed write (a full disk above all) leaves nothing behind and raises CheckpointError in words: torch
+    reports a full disk as `[enforce fail at inline_container.cc] ... file write failed`, safetensors as
+    `SafetensorError: ... os error 28`.
+    """
+    try:
+        return _write(snapshot, ckpt_root)
+    # OSError, torch's RuntimeError, safetensors' SafetensorError: each is how its writer says "I/O failed".
+    except Exception as e:
+        free = _free_bytes(ckpt_root)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e)
+        if full or (free is not None and free < LOW_SPACE_BYTES):
+            left = "" if free is None else f" ({free / 2**20:.0f} MiB free)"
+            raise CheckpointError(
+                f"no space left on {ckpt_root}{left} while writing checkpoint step {snapshot.step}; the previous "
+                "checkpoints are kept. Free some space or point run.dir at a larger disk, then resume"
+            ) from None
+        raise CheckpointError(
+            f"could not write checkpoint step {snapshot.step} under {ckpt_root}: {e}"
+        ) from None
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def _write(snapshot: Snapshot, ckpt_root: Path) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = step_dir(ckpt_root, snapshot.step)
     tmp = temp_dir(ckpt_root, final.name)

@@ -170,7 +170,7 @@ class RemoteReader:
         ):
             raise CheckpointError(f"{where}: manifest keys do not match its files")
         dst_root.mkdir(parents=True, exist_ok=True)
-        tmp = dst_root / f"{checkpoint.TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp = checkpoint.temp_dir(dst_root, final.name)
         tmp.mkdir()  # a crash leaves it to checkpoint.clean_stale()
         try:
             for name, key in keys.items():

@@ -11,9 +11,10 @@
     <GiB>       a size, e.g. 24 or 0.5: that many GiB.
 
 The memory figures are the capacities the vendors' datasheets give (NVIDIA's product pages and datasheets),
-in the GB they print, read as GiB: that is what the devices report, give or take the few percent the driver
-keeps (an A100 80GB reports 80.0 GiB, an H100 79.6, a T4 about 15). The estimate does not include the CUDA
-context (~0.5 GiB) either, so a run that fits with a few percent to spare is tight.
+in the GB they print, read as GiB: close to what the devices report, less the few percent the driver keeps
+(an A100 80GB reports 80.0 GiB, an H100 79.6, an H200 139.8 where the table says 141, a T4 about 15). The
+estimate does not include the CUDA context (~0.5 GiB) either, so a run that fits with a few percent to spare is
+tight; on a machine with the GPU, smoke.target=auto reads the real figure instead.
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ GiB = 2**30
 
 @dataclass
 class SmokeConfig:
-    target: str = plain(
-        "auto"
-    )  # memory the predicted peak must fit: auto | cpu | a GPU (t4, a100-80gb, h100...) | GiB
+    target: str = plain("auto")  # memory to fit: auto | cpu | GiB (e.g. 24) | a GPU (t4, a100-80gb, h100...)
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,7 @@ class Target:
     name: str  # what the report calls it, e.g. "NVIDIA T4 (smoke.target=t4)"
     memory: int | None  # bytes; None: any GPU of the table (a GPU config checked where none is visible)
     gpu: bool  # the run trains on a GPU (so the CPU steps need not run its autocast)
-    device: (
-        torch.device | None
-    )  # a device of this machine to ask precisions about; None for a table GPU or a size
+    device: torch.device | None  # this machine's device, to ask precisions about; None: not this machine's
 
     def fits_on(self, total: int) -> list[Gpu]:
         """The table GPUs that hold `total` bytes (for a target of unknown memory)."""
@@ -115,7 +112,8 @@ def validate(cfg: SmokeConfig) -> list[str]:
     size = _size(cfg.target)
     if size is not None:
         return [] if size > 0 else [f"smoke.target: a size must be > 0 GiB, got {cfg.target}"]
-    near = closest(key, [*WORDS, *GPUS])
+    family = [name for name in GPUS if name.startswith(key)]  # a100 -> a100-40gb, a100-80gb
+    near = ", ".join(family) if len(family) > 1 else closest(key, [*WORDS, *GPUS])
     hint = f" (did you mean {near}?)" if near else ""
     return [
         f"smoke.target: unknown target {cfg.target!r}{hint}; choose auto, cpu, a size in GiB (e.g. 24) or a GPU: "
@@ -149,4 +147,7 @@ def resolve(cfg: SmokeConfig, trainer_device: str) -> Target:
     size = _size(cfg.target)
     if size is None or size <= 0:
         raise ValueError(validate(cfg)[0])
-    return Target(f"{size:g} GiB (smoke.target={cfg.target})", int(size * GiB), gpu=on_gpu, device=None)
+    here = (
+        None if on_gpu else torch.device("cpu")
+    )  # a size for a CPU run: precisions still need to run on a CPU
+    return Target(f"a {size:g} GiB device (smoke.target={cfg.target})", int(size * GiB), on_gpu, here)
