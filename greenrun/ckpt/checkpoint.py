@@ -33,6 +33,7 @@ import greenrun
 from greenrun.ckpt.retention import Retention
 from greenrun.core import lock
 from greenrun.core.fields import plain
+from greenrun.core.fs import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- snapshot: copy state off the device so writing can happen while training continues ---------------
@@ -189,7 +182,7 @@ def _write(snapshot: Snapshot, ckpt_root: Path) -> Path:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             if verify(final) is None:
                 # Same step already committed (a resumed run redid it): the committed one stands.
@@ -197,7 +190,7 @@ def _write(snapshot: Snapshot, ckpt_root: Path) -> Path:
                 return final
             final.rename(ckpt_root / f".corrupt-{final.name}-{uuid.uuid4().hex[:8]}")
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
         return final
     finally:
         if tmp.exists():
