@@ -25,27 +25,20 @@ from pathlib import Path
 
 import torch
 
-from greenrun import data
+from greenrun import data, fit
 from greenrun.ckpt import checkpoint, emergency
 from greenrun.config import Config
-from greenrun.core import shipped
 from greenrun.core.output import Reporter
 from greenrun.data import DataError
 from greenrun.runtime import distributed, hardware
-from greenrun.train import activation_checkpointing, memory, model, optimizer, precision, target
-from greenrun.train.target import GiB, Target
+from greenrun.train import memory, model, precision, target
+from greenrun.train.target import Target
 
 SMOKE_MICRO_BATCH = 2  # sequences per micro-batch on the CPU
 SMOKE_SEQ_LEN = 64  # tokens per sequence on the CPU
 BYTES_PER_PARAM_CPU = 16  # fp32 weights + grads + two AdamW moments
 RAM_SHARE = 0.5  # share of available memory the smoke run may take
 FP32 = "fp32"  # what the CPU steps of a GPU config run in
-
-
-@dataclass
-class Lever:
-    settings: str  # the overrides, e.g. "activation_checkpointing=full"
-    total: int  # bytes: the predicted peak per device with them
 
 
 @dataclass
@@ -58,7 +51,9 @@ class SmokeResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     target: Target | None = None  # the device the estimate is held against
-    levers: list[Lever] = field(default_factory=list)  # when it does not fit: what each lever would predict
+    levers: list[fit.Lever] = field(
+        default_factory=list
+    )  # when it does not fit: what each lever would predict
     ran_as: str = ""  # the precision the CPU steps ran in
     ran_as_why: str = ""  # why that one, when it is not the configured precision
     steps_failed: str = ""  # why the two CPU steps failed ("" when they passed; memory aside)
@@ -119,8 +114,8 @@ def run(cfg: Config) -> SmokeResult:
     t0 = time.perf_counter()
     params = model.count_params(cfg.model, non_embedding=False)
     where = target.resolve(cfg.smoke, cfg.trainer.device)
-    estimate = _estimate(cfg)
-    too_big, levers = memory_verdict(cfg, where)
+    estimate = fit.estimate(cfg)
+    too_big, levers = fit.memory_verdict(cfg, where)
     n_layer = cfg.model.n_layer
     if params * BYTES_PER_PARAM_CPU > RAM_SHARE * available_ram():
         per_block = max(1, model.count_params(dataclasses.replace(cfg.model, n_layer=1), non_embedding=True))
@@ -254,133 +249,7 @@ def _round_up(x: float) -> int:
     return int(math.ceil(x / step) * step)
 
 
-# --- memory: the full config's estimate and the levers that change it ----------------------------------------
-
-
-def _estimate(cfg: Config) -> memory.MemoryEstimate | None:
-    mb = cfg.trainer.micro_batch_size
-    if not isinstance(mb, int):
-        return None  # micro_batch_size=auto: the probe sizes it on the real device
-    plan = activation_checkpointing.plan(cfg.activation_checkpointing, cfg.model.n_layer)
-    return memory.estimate(
-        cfg.model,
-        micro_batch=mb,
-        seq_len=cfg.model.seq_len,
-        precision=cfg.precision.name,
-        recompute=plan,
-        optimizer=cfg.optimizer.name,
-        loss_chunk=cfg.model.loss_chunk,
-    )
-
-
-def memory_verdict(cfg: Config, where: Target) -> tuple[str, list[Lever]]:
-    """("" or why the full config's predicted peak does not fit `where`, the levers when it does not)."""
-    estimate = _estimate(cfg)
-    if estimate is None or estimate.total <= where.capacity():
-        return "", []
-    why = f"predicted peak {_gib(estimate.total)} per device does not fit: {_gib(where.capacity())} on {_where(where)}"
-    return why, find_levers(cfg, where)
-
-
-def _switch(cfg: Config, group: str, name: str, key: str) -> tuple[str, Config]:
-    """(override, config) for group `group` set to registered option `name`: its shipped YAML applied to the
-    group's defaults when one exists (what `group=name` composes), else `group.key=name` alone."""
-    current = getattr(cfg, group)
-    if name in shipped.option_names(group):
-        known = {f.name for f in dataclasses.fields(current)}
-        values = {
-            k: v
-            for k, v in shipped.load_option(group, name).items()
-            if k in known and not isinstance(v, dict)
-        }
-        return f"{group}={name}", dataclasses.replace(
-            cfg, **{group: dataclasses.replace(type(current)(), **values)}
-        )
-    return f"{group}.{key}={name}", dataclasses.replace(
-        cfg, **{group: dataclasses.replace(current, **{key: name})}
-    )
-
-
-def _micro_batch(cfg: Config, capacity: int) -> tuple[str, Config] | None:
-    """The largest smaller micro-batch that fits (or the smallest there is), with grad_accum_steps raised so
-    that micro x accum, the batch per optimizer step, stays the same."""
-    t = cfg.trainer
-    per_step = t.micro_batch_size * t.grad_accum_steps
-    found = None
-    for mb in range(t.micro_batch_size - 1, 0, -1):
-        if per_step % mb:
-            continue
-        smaller = dataclasses.replace(
-            cfg, trainer=dataclasses.replace(t, micro_batch_size=mb, grad_accum_steps=per_step // mb)
-        )
-        found = (f"trainer.micro_batch_size={mb} trainer.grad_accum_steps={per_step // mb}", smaller)
-        if _estimate(smaller).total <= capacity:
-            break
-    return found
-
-
-def find_levers(cfg: Config, where: Target) -> list[Lever]:
-    """Each setting that exists and lowers the predicted peak, alone, with the peak it predicts (options of one
-    kind that predict the same peak share a line); then, when none fits alone, the lowest of each kind together.
-
-    The options are the registries' (POLICIES, PRECISIONS, OPTIMIZERS), so only settings that exist are named;
-    precisions this machine's target device cannot run (fp8 on a CPU) are left out.
-    """
-    capacity, base = where.capacity(), _estimate(cfg).total
-    levers: list[Lever] = []
-    best: list[tuple[str, str, Config]] = []  # (group, override, config): the lowest of each kind
-    micro = _micro_batch(cfg, capacity)
-    if micro is not None:
-        levers.append(Lever(micro[0], _estimate(micro[1]).total))
-    kinds = (
-        ("activation_checkpointing", "policy", list(activation_checkpointing.POLICIES)),
-        ("precision", "name", [name for name in precision.PRECISIONS if _runs_on(name, where)]),
-        ("optimizer", "name", list(optimizer.OPTIMIZERS)),
-    )
-    for group, key, names in kinds:
-        current = getattr(getattr(cfg, group), key)
-        by_total: dict[int, list[tuple[str, Config]]] = {}
-        for name in names:
-            if name != current:
-                override, switched = _switch(cfg, group, name, key)
-                by_total.setdefault(_estimate(switched).total, []).append((override, switched))
-        lower = sorted(total for total in by_total if total < base)
-        levers += [Lever(" or ".join(o for o, _ in by_total[total]), total) for total in lower]
-        if lower:
-            best.append((group, *by_total[lower[0]][0]))
-    if best and not any(lever.total <= capacity for lever in levers):
-        combined, settings = cfg, []
-        for group, override, switched in best:
-            combined = dataclasses.replace(combined, **{group: getattr(switched, group)})
-            settings.append(override)
-        micro = _micro_batch(combined, capacity)
-        if micro is not None:
-            combined, settings = micro[1], [*settings, micro[0]]
-        if len(settings) > 1:
-            levers.append(Lever(" ".join(settings), _estimate(combined).total))
-    return levers
-
-
-def _runs_on(name: str, where: Target) -> bool:
-    """Whether precision `name` can run on the target, as far as this machine can tell (a table GPU or a bare
-    size cannot be asked)."""
-    return where.device is None or not precision.get(name).device_problems(where.device)
-
-
 # --- the report ------------------------------------------------------------------------------------------------
-
-
-def _gib(nbytes: int) -> str:
-    x = nbytes / GiB
-    return f"{x:.1f} GiB" if x >= 10 else f"{x:.2f} GiB" if x >= 1 else f"{x:.3g} GiB"
-
-
-def _where(where: Target) -> str:
-    return where.name if where.memory is not None else f"the largest GPU of the table, {_largest().label}"
-
-
-def _largest() -> target.Gpu:
-    return max(target.GPUS.values(), key=lambda gpu: gpu.memory)
 
 
 def _finite(x: float) -> bool:
@@ -429,30 +298,30 @@ def _print_fit(result: SmokeResult, c) -> None:
     where, total = result.target, result.estimate.total
     capacity = where.capacity()
     if total <= capacity and where.memory is not None:
-        c.print(f"  fits: {_gib(total)} of {_gib(capacity)} on {where.name}", markup=False)
+        c.print(f"  fits: {fit.gib(total)} of {fit.gib(capacity)} on {where.name}", markup=False)
         return
     if total <= capacity:
-        fit = [gpu.name for gpu in where.fits_on(total)]
+        holding = [gpu.name for gpu in where.fits_on(total)]
         small = [
-            f"{gpu.name} ({gpu.memory_gib:g} GiB)" for gpu in target.GPUS.values() if gpu.name not in fit
+            f"{gpu.name} ({gpu.memory_gib:g} GiB)" for gpu in target.GPUS.values() if gpu.name not in holding
         ]
         on = (
-            f"too large for {', '.join(small)}; fits {', '.join(fit)}"
+            f"too large for {', '.join(small)}; fits {', '.join(holding)}"
             if small
             else "fits every GPU of the table"
         )
-        c.print(f"  {_gib(total)} per GPU: {on} (no GPU here; smoke.target=NAME checks one)", markup=False)
+        c.print(f"  {fit.gib(total)} per GPU: {on} (no GPU here; smoke.target=NAME checks one)", markup=False)
         return
     c.print(
-        f"  does not fit: {_gib(total)} needed, {_gib(capacity)} on {_where(where)}",
+        f"  does not fit: {fit.gib(total)} needed, {fit.gib(capacity)} on {fit.where_name(where)}",
         style="yellow",
         markup=False,
     )
     if not result.levers:
         c.print("  no lever lowers it: a smaller model (model.*), or a target with more memory", markup=False)
         return
-    c.print(f"  levers, with the peak each predicts (fits = within {_gib(capacity)}):", markup=False)
+    c.print(f"  levers, with the peak each predicts (fits = within {fit.gib(capacity)}):", markup=False)
     width = max(len(lever.settings) for lever in result.levers)
     for lever in result.levers:
         verdict = "fits" if lever.total <= capacity else "still too large"
-        c.print(f"    {lever.settings:<{width}}  {_gib(lever.total):>10}  {verdict}", markup=False)
+        c.print(f"    {lever.settings:<{width}}  {fit.gib(lever.total):>10}  {verdict}", markup=False)

@@ -17,7 +17,7 @@ LAYERS = [
     {"greenrun.ckpt"},
     {"greenrun.train"},
     {"greenrun.config"},
-    {"greenrun.trainer", "greenrun.runs"},
+    {"greenrun.trainer", "greenrun.runs", "greenrun.fit"},
     {"greenrun.smoke"},
     {"greenrun.job"},
     {"greenrun.cli", "greenrun.__main__"},

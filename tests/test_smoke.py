@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from greenrun import config, data, smoke
+from greenrun import config, data, fit, smoke
 from greenrun.config import Config
 from greenrun.data import DataConfig, DataError
 from greenrun.train import activation_checkpointing, memory, optimizer, precision, target
@@ -81,7 +81,7 @@ def test_the_issue_gpt2_on_a_cpu_with_21_gib_fails(monkeypatch):
     monkeypatch.setattr(target, "ram", lambda: int(21.5 * GiB))
     base = Config()
     cfg = dataclasses.replace(base, model=_gpt2_gpu().model)  # trainer.device=auto, micro-batch 32, fp32
-    why, levers = smoke.memory_verdict(cfg, target.resolve(cfg.smoke, cfg.trainer.device))
+    why, levers = fit.memory_verdict(cfg, target.resolve(cfg.smoke, cfg.trainer.device))
     assert why == "predicted peak 50.8 GiB per device does not fit: 21.5 GiB on this machine's RAM"
     assert levers[0].settings == "trainer.micro_batch_size=8 trainer.grad_accum_steps=4"
     assert levers[0].total == _peak(cfg, 8) <= 21.5 * GiB < _peak(cfg, 16)
@@ -90,7 +90,7 @@ def test_the_issue_gpt2_on_a_cpu_with_21_gib_fails(monkeypatch):
 def test_a_gpu_config_too_large_for_the_named_gpu_fails_with_computed_levers():
     cfg = dataclasses.replace(_gpt2_gpu(), smoke=SmokeConfig("t4"))
     where = target.resolve(cfg.smoke, cfg.trainer.device)
-    why, levers = smoke.memory_verdict(cfg, where)
+    why, levers = fit.memory_verdict(cfg, where)
     full = _peak(cfg, 16)
     assert full > 16 * GiB  # the premise: 19.5 GiB of GPT-2 at 16 x 1024 in bf16 is more than a T4's 16 GiB
     assert why == f"predicted peak {full / GiB:.1f} GiB per device does not fit: 16.0 GiB on {where.name}"
@@ -105,7 +105,7 @@ def test_a_gpu_config_too_large_for_the_named_gpu_fails_with_computed_levers():
 def test_levers_name_only_registered_options_and_combine_when_none_fits_alone():
     # A 1 GiB target that no single lever reaches: the lowest of each kind together, then the micro-batch.
     cfg = dataclasses.replace(_gpt2_gpu(micro_batch_size=64, grad_accum_steps=8), smoke=SmokeConfig("1"))
-    levers = smoke.find_levers(cfg, target.resolve(cfg.smoke, cfg.trainer.device))
+    levers = fit.find_levers(cfg, target.resolve(cfg.smoke, cfg.trainer.device))
     names = {
         "activation_checkpointing": set(activation_checkpointing.POLICIES),
         "precision": set(precision.PRECISIONS),
@@ -127,10 +127,10 @@ def test_precisions_the_target_cannot_run_are_not_suggested(monkeypatch):
     monkeypatch.setattr(target, "ram", lambda: 2 * GiB)
     cfg = _gpt2_gpu(micro_batch_size=32, grad_accum_steps=1)
     cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, name="fp32"))
-    levers = smoke.find_levers(cfg, target.resolve(SmokeConfig("cpu"), "cpu"))
+    levers = fit.find_levers(cfg, target.resolve(SmokeConfig("cpu"), "cpu"))
     half = next(lever.settings for lever in levers if "precision=" in lever.settings)
     assert half == "precision=fp16 or precision=bf16"  # float8 needs an Ada/Hopper GPU, not this CPU
-    on_a_gpu = smoke.find_levers(cfg, target.resolve(SmokeConfig("1"), "cuda"))
+    on_a_gpu = fit.find_levers(cfg, target.resolve(SmokeConfig("1"), "cuda"))
     assert any("precision=fp8" in lever.settings for lever in on_a_gpu)
 
 
@@ -146,14 +146,14 @@ def test_smoke_fails_with_exit_1_when_the_prediction_exceeds_the_target(tiny):
         base, model=model, trainer=dataclasses.replace(base.trainer, micro_batch_size=64)
     )
     assert _peak(cfg, 64) > GiB
-    assert f"does not fit: {smoke._gib(_peak(cfg, 64))} needed, 1.00 GiB" in r.stdout
+    assert f"does not fit: {fit.gib(_peak(cfg, 64))} needed, 1.00 GiB" in r.stdout
     lines = [line.strip() for line in r.stdout.splitlines()]
     micro = next(
         line for line in lines if line.startswith("trainer.micro_batch_size=32 trainer.grad_accum_steps=2")
     )
-    assert micro.endswith(f"{smoke._gib(_peak(cfg, 32))}  fits")
+    assert micro.endswith(f"{fit.gib(_peak(cfg, 32))}  fits")
     full = next(line for line in lines if line.startswith("activation_checkpointing=full "))
-    assert smoke._gib(_peak(cfg, 64, "full")) in full
+    assert fit.gib(_peak(cfg, 64, "full")) in full
 
 
 def test_a_gpu_recipe_too_large_for_a_gpu_of_the_table_fails(tiny):
@@ -269,7 +269,7 @@ def test_a_gpu_config_runs_its_cpu_steps_in_fp32_where_half_precision_is_slow(mo
     name, why = smoke.cpu_precision(cfg, on_gpu=True)
     assert name == "fp32" and "0.02x" in why
     assert smoke.smoke_config(cfg, 12, name).precision.name == "fp32"
-    assert smoke.memory_verdict(cfg, target.resolve(SmokeConfig("h100"), "cuda")) == ("", [])
+    assert fit.memory_verdict(cfg, target.resolve(SmokeConfig("h100"), "cuda")) == ("", [])
     monkeypatch.setattr(
         smoke.hardware, "matmul_rates", lambda dtype: (150.0, 250.0)
     )  # native bf16 (AVX512-BF16)
