@@ -269,19 +269,25 @@ def test_sigterm_with_an_upload_that_cannot_fit_ends_in_time_aborted_and_local_o
 # --- 3. exit 75 only when the emergency manifest is committed in the bucket ------------------------------
 
 
-def test_sigterm_exits_75_only_with_the_manifest_in_the_bucket(tiny, s3_bucket, faulty_proxy, tmp_path):
-    run_dir = tmp_path / "ok"
+def _sigterm_at_step_3(tiny: list[str], run_dir: Path, storage: list[str]) -> Train:
+    """A long run mirrored to a bucket, sent SIGTERM once it has trained three steps."""
     proc = Train(
         *tiny,
         "trainer.max_steps=100000",
         "preflight=false",
-        *s3_args(s3_bucket.name, s3_bucket.endpoint_url),
+        *storage,
         "checkpoint.interval=0",
         f"run.dir={run_dir}",
-        log=tmp_path / "ok.log",
+        log=run_dir.parent / f"{run_dir.name}.log",
     )
     proc.wait_until(lambda: max_step(run_dir) >= 3, "step 3")
     proc.popen.send_signal(signal.SIGTERM)
+    return proc
+
+
+def test_sigterm_exits_75_only_with_the_manifest_in_the_bucket(tiny, s3_bucket, faulty_proxy, tmp_path):
+    run_dir = tmp_path / "ok"
+    proc = _sigterm_at_step_3(tiny, run_dir, s3_args(s3_bucket.name, s3_bucket.endpoint_url))
     assert proc.exit_code(60) == 75, proc.text()[-4000:]
     step = summary(run_dir)["step"]
     assert remote_of(s3_bucket, run_dir.name).steps() == [step]
@@ -290,17 +296,7 @@ def test_sigterm_exits_75_only_with_the_manifest_in_the_bucket(tiny, s3_bucket, 
     # The same with every checkpoint request failing: committed locally, not 75.
     proxy = faulty_proxy(fail_rate=1.0, faults=("slowdown",), match=lambda m, p: "/checkpoints/" in p)
     run_dir = tmp_path / "failing"
-    proc = Train(
-        *tiny,
-        "trainer.max_steps=100000",
-        "preflight=false",
-        *s3_args(s3_bucket.name, proxy.url, "storage.max_attempts=1"),
-        "checkpoint.interval=0",
-        f"run.dir={run_dir}",
-        log=tmp_path / "failing.log",
-    )
-    proc.wait_until(lambda: max_step(run_dir) >= 3, "step 3")
-    proc.popen.send_signal(signal.SIGTERM)
+    proc = _sigterm_at_step_3(tiny, run_dir, s3_args(s3_bucket.name, proxy.url, "storage.max_attempts=1"))
     code, text = proc.exit_code(60), proc.text()
     assert code == 77, text[-4000:]
     assert "committed locally only" in text and "and uploaded" not in text
