@@ -46,6 +46,12 @@ class ConfigError(ValueError):
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+# torch.compile's modes. The two with CUDA graphs replay each micro-step's kernels as one graph launch: no
+# host gaps between kernels, at the price of graph memory pools and a capture per new shape.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = maths(600)  # optimizer steps in the whole run (schedules span all of them)
@@ -64,6 +70,9 @@ class TrainerConfig:
     device: str = plain("auto")  # auto | cpu | cuda
     stop_at_step: int | None = plain(None)  # commit a checkpoint at this step and exit 0 (train in slices)
     compile: bool | None = plain(None)  # torch.compile the model; None = on for CUDA
+    compile_mode: str = plain(
+        "default"
+    )  # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune
     sample_tokens: int = plain(120)  # tokens generated for the sample printed at the end (0 = none)
     sample_prompt: str = plain("")  # the sample's prompt; "" = the data source's own (stdlib: "def ")
     cpu_threads: int = plain(0)  # torch intra-op threads on a CPU; 0 = OMP_NUM_THREADS if set, else the cores
@@ -220,6 +229,11 @@ def validate(cfg: Config, check_device: bool = True, need_corpus: bool = True) -
     problems += target.validate(cfg.smoke)
     problems += _model_problems(cfg.model)
     problems += _trainer_problems(cfg)
+    if cfg.precision.name == "fp8" and cfg.precision.fp8.lm_head and cfg.model.loss_chunk > 0:
+        problems.append(
+            "precision.fp8.lm_head=true with model.loss_chunk>0: the chunked loss runs its own bf16 head "
+            "matmuls, so the fp8 head would never be used; set model.loss_chunk=0 or fp8.lm_head=false"
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -280,6 +294,7 @@ def _trainer_problems(cfg: Config) -> list[str]:
     if cfg.checkpoint.every_minutes < 0:
         problems.append(f"checkpoint.every_minutes: must be >= 0, got {cfg.checkpoint.every_minutes}")
     problems += checks.choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    problems += checks.choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
         problems.append(
             f"trainer.stop_at_step: must be in [1, trainer.max_steps={t.max_steps}], got {t.stop_at_step}"

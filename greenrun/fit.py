@@ -1,18 +1,22 @@
 """Whether a config fits a device, and if not, what would: the full config's predicted peak memory
 (greenrun.train.memory) held against a target (greenrun.train.target), and every lever that exists — a smaller
 micro-batch with more accumulation, each checkpointing policy, precision and optimizer of the registries — with
-the peak it would predict. `greenrun smoke` reports it; nothing here runs a model.
+the peak it would predict. `greenrun smoke` reports it (print_fit); nothing here runs a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from greenrun.config import Config
 from greenrun.core import shipped
 from greenrun.train import activation_checkpointing, memory, optimizer, precision, target
 from greenrun.train.target import GiB, Target
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -145,3 +149,40 @@ def where_name(where: Target) -> str:
 
 def _largest() -> target.Gpu:
     return max(target.GPUS.values(), key=lambda gpu: gpu.memory)
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def print_fit(c: Console, where: Target, total: int, levers: list[Lever]) -> None:
+    """The smoke report's verdict on `total` bytes per device against `where`, with the levers when it does
+    not fit."""
+    capacity = where.capacity()
+    if total <= capacity and where.memory is not None:
+        c.print(f"  fits: {gib(total)} of {gib(capacity)} on {where.name}", markup=False)
+        return
+    if total <= capacity:
+        holding = [gpu.name for gpu in where.fits_on(total)]
+        small = [
+            f"{gpu.name} ({gpu.memory_gib:g} GiB)" for gpu in target.GPUS.values() if gpu.name not in holding
+        ]
+        on = (
+            f"too large for {', '.join(small)}; fits {', '.join(holding)}"
+            if small
+            else "fits every GPU of the table"
+        )
+        c.print(f"  {gib(total)} per GPU: {on} (no GPU here; smoke.target=NAME checks one)", markup=False)
+        return
+    c.print(
+        f"  does not fit: {gib(total)} needed, {gib(capacity)} on {where_name(where)}",
+        style="yellow",
+        markup=False,
+    )
+    if not levers:
+        c.print("  no lever lowers it: a smaller model (model.*), or a target with more memory", markup=False)
+        return
+    c.print(f"  levers, with the peak each predicts (fits = within {gib(capacity)}):", markup=False)
+    width = max(len(lever.settings) for lever in levers)
+    for lever in levers:
+        verdict = "fits" if lever.total <= capacity else "still too large"
+        c.print(f"    {lever.settings:<{width}}  {gib(lever.total):>10}  {verdict}", markup=False)

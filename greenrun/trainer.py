@@ -24,7 +24,7 @@ from greenrun import data
 from greenrun.ckpt import checkpoint
 from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.uploader import Uploader
-from greenrun.config import Config, math_hash
+from greenrun.config import CUDA_GRAPH_MODES, Config, math_hash
 from greenrun.core import fs
 from greenrun.core.fs import atomic_write
 from greenrun.core.output import Reporter
@@ -82,8 +82,12 @@ class Trainer:
 
         self.train_model: torch.nn.Module = self.model
         wants_compile = t.compile if t.compile is not None else self.device.type == "cuda"
+        # CUDA graphs reuse their output buffers on every replay: each micro-step must be marked as new.
+        self.cuda_graphs = False
         if wants_compile or self.precision.must_compile(self.prepared):
-            self.train_model = torch.compile(self.model)
+            mode = None if t.compile_mode == "default" else t.compile_mode
+            self.train_model = torch.compile(self.model, mode=mode)
+            self.cuda_graphs = self.device.type == "cuda" and t.compile_mode in CUDA_GRAPH_MODES
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
@@ -117,6 +121,7 @@ class Trainer:
         self.upload_grace_s: float | None = None  # how long close() waits for uploads (None = until done)
         self.wall_before = 0.0  # seconds earlier processes of this run trained (from the checkpoint)
         self._train_t0: float | None = None
+        self.stager = checkpoint.Stager()  # the snapshot's host buffers, allocated once
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
@@ -126,6 +131,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.train_model.train()
+        if self.cuda_graphs:
+            # A graph replays into memory it owns, so a .grad that autograd took over from a graph's output
+            # would be overwritten by the next micro-step (pytorch/pytorch#169545): with every .grad already
+            # allocated, backward adds into it in place instead.
+            for p in self.model.parameters():
+                if p.grad is None and p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum_steps):
             x, y = self._batch("train", self.step, micro)
@@ -133,6 +145,8 @@ class Trainer:
             sync = last or not isinstance(self.train_model, DistributedDataParallel)
             ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with ctx:
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
                     _, loss = self.train_model(x, y)
                 loss = loss / t.grad_accum_steps  # the sum over micro-batches is the mean of the big batch
@@ -144,16 +158,21 @@ class Trainer:
         )
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
         self.step += 1
-        loss_value = distributed.mean(total).item()
-        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        # One device-to-host sync per step, for both numbers.
+        loss_value, norm_value = torch.stack([distributed.mean(total), grad_norm.float()]).tolist()
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     def _batch(self, split: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.trainer
         x, y = self.data.batch(
             split, step, micro, self.dist.rank, t.micro_batch_size, self.cfg.model.seq_len, t.seed
         )
+        if self.device.type == "cuda":
+            # A copy from pageable memory first waits for the GPU to drain its queue, so the host could never
+            # run ahead of the kernels; from pinned memory (cached by torch's host allocator) it is queued.
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     @torch.no_grad()
@@ -187,6 +206,8 @@ class Trainer:
             while self.step < stop_at:
                 with self.profiler.step(self.step):
                     stats = self.train_step()
+                if self.step == start_step + 1 and self.checkpointer.writer:
+                    self._reserve_staging()  # once the optimizer state exists: no save pays the allocation
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
                 last = self.step in (stop_at, t.max_steps)
                 if self.step % t.log_interval == 0 or last or self.step % t.eval_interval == 0:
@@ -303,15 +324,25 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
+    def _reserve_staging(self) -> None:
+        t0 = time.perf_counter()
+        state = self.state_dict()
+        unique, _ = checkpoint.unique_tensors(state["model"])
+        n = self.stager.reserve(unique, state["optimizer"], state["trainer"])
+        log.debug(
+            f"checkpoint staging: {n / 2**30:.2f} GiB of host buffers in {time.perf_counter() - t0:.2f} s"
+        )
+
     def snapshot(self) -> checkpoint.Snapshot:
         state = self.state_dict()
         unique, aliases = checkpoint.unique_tensors(state["model"])
-        return checkpoint.Snapshot(
+        # Into host buffers allocated at the first save and reused by every later one (ckpt/staging.py).
+        return self.stager.snapshot(
             step=self.step,
-            model=checkpoint.to_cpu(unique),
+            model=unique,
             aliases=aliases,
-            optimizer=checkpoint.to_cpu(state["optimizer"]),
-            trainer=checkpoint.to_cpu(state["trainer"]),
+            optimizer=state["optimizer"],
+            trainer=state["trainer"],
             meta={
                 "config_hash": math_hash(self.cfg),
                 "world_size": self.dist.world_size,

@@ -1,135 +1,133 @@
-"""One-GPU benchmark of greenrun's compute and memory levers against the paths users would otherwise take.
+"""One-GPU speed matrix: HF compiled, a plain-PyTorch reference loop, and greenrun before and after each lever.
 
-    python3 scripts/bench_gpu.py --group a --out results/a.json   # HF baselines, greenrun fp32/bf16/compile, auto
-    python3 scripts/bench_gpu.py --group b --out results/b.json   # checkpointing policies, fp8, fp8 loss curve
+    python3 scripts/bench_gpu.py --group speed --out $OUT/speed.json     # tokens/s rows (issue 10's table)
+    python3 scripts/bench_gpu.py --group quality --out $OUT/quality.json # micro-batch curve, loss at a budget
+    BEFORE=/path/to/older/greenrun python3 scripts/bench_gpu.py ...      # where the gr_before rows import from
 
-Every row runs in its own subprocess (fresh allocator, fresh peak-memory counters), GPT-2 124M at T=1024 unless
-the row says otherwise, the same global batch (micro 16 x accum 4 x 1024 = 65,536 tokens per optimizer step).
-Rows: tokens/s, MFU (6N + 12*L*H*Q*T FLOP per token against the device's dense bf16 peak), peak memory,
-ms/step, J/token from NVML's energy counter, and for greenrun rows the predicted peak from `greenrun.train.memory`.
+Every row runs in its own subprocess (fresh allocator, fresh peak-memory counters), GPT-2 124M at T=1024,
+bf16 autocast, compiled, 524,288 tokens per optimizer step (micro-batch x accumulation x 1024) unless the row
+says otherwise. Reported per row: tokens/s, MFU = tokens/s x (6 N + 12 L H Q T) / 989 TFLOP/s (N = non-embedding
+parameters + the padded head, greenrun.train.model.flops_per_token; the H200's dense bf16 datasheet peak), peak
+allocated memory, ms per optimizer step and J/token from NVML's energy counter. The parent prints the ratios
+against the HF compiled row and the reference row at the same micro-batch, all measured in this one call.
+Earlier matrices (H100 levers, fp8, checkpointing policies) came from this script's older revisions in git.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("bench_gpu")
-
 REPO = Path(__file__).resolve().parents[1]
-GLOBAL = {"micro": 16, "accum": 4, "seq": 1024}
-WARMUP, TIMED = 3, 8
+SEQ, TOKENS = 1024, 524_288
+WARMUP, TIMED = 2, 3  # optimizer steps; the first warm-up step compiles
+BASE = ["precision=bf16", "trainer.compile=true"]
+NOBIAS = BASE + ["model.bias=false"]
 
-# name -> (kind, overrides or options)
-ROWS = {
-    "gr_chunk": ("gr", ["precision=bf16", "trainer.compile=true", "model.loss_chunk=4096"]),
-    "gr_ckpt_full_chunk": (
-        "gr",
-        ["precision=bf16", "trainer.compile=true", "activation_checkpointing=full", "model.loss_chunk=4096"],
-    ),
-    "hf_fp32": ("hf", {"precision": "fp32", "compile": False}),
-    "hf_bf16": ("hf", {"precision": "bf16", "compile": False}),
-    "hf_bf16_compile": ("hf", {"precision": "bf16", "compile": True}),
-    "gr_fp32": ("gr", ["precision=fp32", "trainer.compile=false"]),
-    "gr_bf16": ("gr", ["precision=bf16", "trainer.compile=false"]),
-    "gr_bf16_compile": ("gr", ["precision=bf16", "trainer.compile=true"]),
-    "gr_ckpt_full": ("gr", ["precision=bf16", "trainer.compile=true", "activation_checkpointing=full"]),
-    "gr_ckpt_every2": ("gr", ["precision=bf16", "trainer.compile=true", "activation_checkpointing=every_k"]),
-    "gr_ckpt_sqrt": ("gr", ["precision=bf16", "trainer.compile=true", "activation_checkpointing=sqrt"]),
-    "gr_ckpt_selective": (
-        "gr",
-        ["precision=bf16", "trainer.compile=true", "activation_checkpointing=selective"],
-    ),
-    "gr_fp8_gpt2": ("gr", ["precision=fp8"]),
-    "gr_xl_bf16": (
-        "gr",
-        ["model=gpt2-xl", "precision=bf16", "trainer.compile=true", "trainer.micro_batch_size=4"],
-    ),
-    "gr_xl_fp8": ("gr", ["model=gpt2-xl", "precision=fp8", "trainer.micro_batch_size=4"]),
-    "gr_wide_bf16": (
-        "gr",
-        [
-            "model.n_embd=4096",
-            "model.n_layer=4",
-            "model.n_head=32",
-            "precision=bf16",
-            "trainer.compile=true",
-            "trainer.micro_batch_size=8",
-        ],
-    ),
-    "gr_wide_fp8": (
-        "gr",
-        [
-            "model.n_embd=4096",
-            "model.n_layer=4",
-            "model.n_head=32",
-            "precision=fp8",
-            "trainer.micro_batch_size=8",
-        ],
-    ),
+
+def gr(micro: int, *over: str, before: bool = False) -> dict:
+    return {"kind": "gr_before" if before else "gr", "micro": micro, "over": list(over)}
+
+
+ROWS: dict[str, dict] = {
+    "hf_compile_mb16": {"kind": "hf", "micro": 16},
+    "ref_mb16": {"kind": "ref", "micro": 16, "bias": True},
+    "ref_mb64": {"kind": "ref", "micro": 64, "bias": True},
+    "ref_nobias_mb16": {"kind": "ref", "micro": 16, "bias": False},
+    "ref_nobias_mb64": {"kind": "ref", "micro": 64, "bias": False},
+    "ref_liger_nobias_mb64": {"kind": "ref", "micro": 64, "bias": False, "loss": "liger"},
+    "ref_liger_nobias_mb128": {"kind": "ref", "micro": 128, "bias": False, "loss": "liger"},
+    "gr_before_mb16": gr(16, *BASE, before=True),
+    "gr_before_mb64": gr(64, *BASE, before=True),
+    "gr_mb16": gr(16, *BASE),
+    "gr_mb64": gr(64, *BASE),
+    "gr_nobias_mb16": gr(16, *NOBIAS),
+    "gr_nobias_mb64": gr(64, *NOBIAS),
+    "gr_nobias_ro_mb16": gr(16, *NOBIAS, "trainer.compile_mode=reduce-overhead"),
+    "gr_nobias_ro_mb64": gr(64, *NOBIAS, "trainer.compile_mode=reduce-overhead"),
+    "gr_nobias_chunk_mb64": gr(64, *NOBIAS, "model.loss_chunk=8192"),
+    "gr_nobias_mb128": gr(128, *NOBIAS),
+    "gr_nobias_chunk_mb128": gr(128, *NOBIAS, "model.loss_chunk=8192"),
+    "gr_nobias_fp8head_mb16": gr(16, "precision=fp8", "precision.fp8.lm_head=true", "model.bias=false"),
+    "gr_nobias_fp8head_mb64": gr(64, "precision=fp8", "precision.fp8.lm_head=true", "model.bias=false"),
+    "gr_nobias_autotune_mb16": gr(16, *NOBIAS, "trainer.compile_mode=max-autotune-no-cudagraphs"),
+    "profile_nobias_mb16": {"kind": "profile", "micro": 16, "over": NOBIAS},
+}
+for mb in (8, 24, 32, 48, 96):
+    ROWS[f"gr_nobias_mb{mb}"] = gr(mb, *NOBIAS)
+CURVES = {  # name -> (overrides, steps): the loss at a fixed token budget (32,768 tokens per step)
+    "curve_bias": (BASE, 200),
+    "curve_nobias": (NOBIAS, 200),
+    "curve_nobias_fp8head": (["precision=fp8", "precision.fp8.lm_head=true", "model.bias=false"], 200),
 }
 GROUPS = {
-    "a": [
-        "hf_fp32",
-        "hf_bf16",
-        "hf_bf16_compile",
-        "gr_fp32",
-        "gr_bf16",
-        "gr_bf16_compile",
-        "gr_ckpt_full",
-        "auto",
-    ],
-    "b": [
-        "gr_ckpt_every2",
-        "gr_ckpt_sqrt",
-        "gr_ckpt_selective",
-        "gr_fp8_gpt2",
-        "gr_wide_bf16",
-        "gr_wide_fp8",
-        "curve_wide_bf16",
-        "curve_wide_fp8",
-        "gr_xl_bf16",
-        "gr_xl_fp8",
-    ],
-    "c": ["gr_chunk", "gr_ckpt_full_chunk", "profile_default", "gr_xl_bf16", "gr_xl_fp8"],
-    "d": ["gr_chunk", "gr_ckpt_full_chunk"],
+    "speed": [
+        "hf_compile_mb16",
+        "ref_mb16",
+        "ref_nobias_mb16",
+        "gr_mb16",
+        "gr_nobias_mb16",
+        "ref_mb64",
+        "ref_nobias_mb64",
+        "gr_mb64",
+        "gr_nobias_mb64",
+        "gr_nobias_fp8head_mb64",
+        "gr_nobias_ro_mb16",
+        "gr_nobias_chunk_mb64",
+        "ref_liger_nobias_mb64",
+        "gr_nobias_mb128",
+        "gr_nobias_mb32",
+        "profile_nobias_mb16",
+    ],  # fmt: skip
+    "before": ["gr_before_mb16", "gr_before_mb64"],
+    "quality": ["graphs_check", *CURVES, "gr_nobias_mb8"],
+    "final": [
+        "ref_nobias_mb16",
+        "gr_nobias_mb16",
+        "ref_nobias_mb64",
+        "gr_nobias_mb64",
+        "curve_nobias",
+        "curve_nobias_fp8head",
+        "curve_bias",
+    ],  # fmt: skip
 }
-CURVE_STEPS = 200
 
 
-def greenrun_cfg(overrides: list[str]):
+def greenrun_cfg(overrides: list[str], micro: int, accum: int):
     from hydra import compose, initialize_config_dir
 
     from greenrun import config
     from greenrun.core.shipped import conf_dir
 
     config.register()
+    base = [
+        "model=gpt2",
+        f"trainer.micro_batch_size={micro}",
+        f"trainer.grad_accum_steps={accum}",
+        "trainer.device=cuda",
+        "data.max_chars=0",
+        "data.cache_dir=/tmp/greenrun-cache",
+        "trainer.max_steps=1000",
+        "schedule.warmup_steps=100",
+    ]
+    keys = {o.split("=", 1)[0] for o in overrides}
+    base = [o for o in base if o.split("=", 1)[0] not in keys]  # a row's own value wins
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        base = [
-            "model=gpt2",
-            f"trainer.micro_batch_size={GLOBAL['micro']}",
-            f"trainer.grad_accum_steps={GLOBAL['accum']}",
-            "trainer.device=cuda",
-            "data.max_chars=0",
-            "data.cache_dir=/tmp/greenrun-cache",
-            "trainer.max_steps=1000",
-            "schedule.warmup_steps=100",
-        ]
         cfg = config.to_typed(compose(config_name="config", overrides=base + overrides))
     config.validate(cfg)
     return cfg
 
 
-def timed_steps(step_fn, tokens_per_step: int, flops_per_token: float) -> dict:
+def timed(step_fn, tokens_per_step: int, flops_per_token: float) -> dict:
     import torch
 
-    from greenrun.runtime import energy, hardware
+    from greenrun.runtime import energy
 
     for _ in range(WARMUP):
         step_fn()
@@ -147,159 +145,140 @@ def timed_steps(step_fn, tokens_per_step: int, flops_per_token: float) -> dict:
     meter.close()
     seconds = start.elapsed_time(end) / 1000
     tps = TIMED * tokens_per_step / seconds
-    peak = hardware.peak_bf16_flops(torch.device("cuda"))
     return {
         "tok_per_s": tps,
         "ms_per_step": 1000 * seconds / TIMED,
-        "mfu": tps * flops_per_token / peak if peak else None,
+        "mfu": tps * flops_per_token / 989e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "j_per_token": joules / (TIMED * tokens_per_step) if joules is not None else None,
-        "energy_method": meter.method,
     }
 
 
-def run_hf(opts: dict) -> dict:
+def gpt2_flops() -> float:
+    from greenrun.train import model
+
+    return model.flops_per_token(model.preset("gpt2", seq_len=SEQ))
+
+
+def run_hf(micro: int, accum: int) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from greenrun.train import model as gmodel
-    from greenrun.train import precision
-
-    torch.backends.cuda.matmul.allow_tf32 = False  # the plain fp32 path a user gets without toggles
-    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    net = GPT2LMHeadModel(GPT2Config(n_positions=GLOBAL["seq"])).cuda()
-    opt = torch.optim.AdamW(net.parameters(), lr=6e-4, weight_decay=0.1)
-    run = torch.compile(net) if opts["compile"] else net
-    autocast = precision.get(opts["precision"]).autocast
-    micro, accum, seq = GLOBAL["micro"], GLOBAL["accum"], GLOBAL["seq"]
+    net = GPT2LMHeadModel._from_config(GPT2Config(n_positions=SEQ), attn_implementation="sdpa").cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=6e-4, weight_decay=0.1, fused=True)
+    run = torch.compile(net)
 
     def step() -> None:
         for _ in range(accum):
-            x = torch.randint(0, 50257, (micro, seq), device="cuda")
-            with autocast(torch.device("cuda")):
+            x = torch.randint(0, 50257, (micro, SEQ), device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = run(input_ids=x, labels=x).loss / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = gmodel.flops_per_token(
-        gmodel.ModelConfig(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab_size=50257)
-    )
-    return timed_steps(step, micro * accum * seq, flops)
+    return {**timed(step, micro * accum * SEQ, gpt2_flops()), "attn": net.config._attn_implementation}
 
 
-def run_greenrun(overrides: list[str]) -> dict:
-    import tempfile
+def run_ref(row: dict, accum: int) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ref_gpt2
 
+    step, _ = ref_gpt2.make_step(row["micro"], accum, SEQ, bias=row["bias"], loss=row.get("loss", "plain"))
+    return timed(step, row["micro"] * accum * SEQ, gpt2_flops())
+
+
+def trainer_for(overrides: list[str], micro: int, accum: int):
     from greenrun.core.output import Reporter
-    from greenrun.train import activation_checkpointing, memory
     from greenrun.trainer import Trainer
 
-    cfg = greenrun_cfg(overrides)
-    trainer = Trainer(cfg, Path(tempfile.mkdtemp()), reporter=Reporter(enabled=False))
-    t = cfg.trainer
-    tokens = t.micro_batch_size * t.grad_accum_steps * cfg.model.seq_len
-    out = timed_steps(trainer.train_step, tokens, trainer.flops_per_token)
-    plan = activation_checkpointing.plan(cfg.activation_checkpointing, cfg.model.n_layer)
-    est = memory.estimate(cfg.model, t.micro_batch_size, cfg.model.seq_len, cfg.precision.name, plan)
-    out.update(
-        predicted_mem_gib=est.total / 2**30,
-        fp8_layers=len(trainer.prepared),  # the layers the precision converted (fp8: wide linears)
-        micro=t.micro_batch_size,
-        accum=t.grad_accum_steps,
-        params=sum(p.numel() for p in trainer.model.parameters()),
-    )
+    cfg = greenrun_cfg(overrides, micro, accum)
+    return Trainer(cfg, Path(tempfile.mkdtemp()), reporter=Reporter(enabled=False))
+
+
+def run_gr(row: dict, accum: int) -> dict:
+    trainer = trainer_for(row["over"], row["micro"], accum)
+    out = timed(trainer.train_step, trainer.tokens_per_step, gpt2_flops())
+    out["params"] = sum(p.numel() for p in trainer.model.parameters())
+    out["fp8_layers"] = len(trainer.prepared)
     trainer.close()
     return out
 
 
-def run_curve(precision: str) -> dict:
-    """Loss over the first CURVE_STEPS optimizer steps of the wide config (bf16 vs fp8 must match within 1%)."""
-    import tempfile
-
-    from greenrun.core.output import Reporter
-    from greenrun.trainer import Trainer
-
-    cfg = greenrun_cfg(
-        [
-            "model.n_embd=4096",
-            "model.n_layer=4",
-            "model.n_head=32",
-            f"precision={precision}",
-            "trainer.compile=true",
-            "trainer.micro_batch_size=8",
-            "trainer.grad_accum_steps=1",
-            "optimizer.lr=3e-4",
-        ]
-    )
-    trainer = Trainer(cfg, Path(tempfile.mkdtemp()), reporter=Reporter(enabled=False))
-    losses = [trainer.train_step()["loss"] for _ in range(CURVE_STEPS)]
-    trainer.close()
-    return {"losses": losses, "last20_mean": sum(losses[-20:]) / 20}
-
-
-def run_auto() -> dict:
-    """micro_batch_size=auto on GPT-2 124M bf16: choice, probes and time; the largest fitting value for reference."""
+def run_profile(row: dict, accum: int) -> dict:
+    """Where one optimizer step's GPU time goes: the top kernels, and the busy share of the wall time."""
     import torch
 
-    from greenrun.runtime import distributed
-    from greenrun.train import autobatch
-
-    cfg = greenrun_cfg(
-        ["precision=bf16", "trainer.micro_batch_size=auto", "trainer.global_batch_tokens=524288"]
-    )
-    t0 = time.perf_counter()
-    choice = autobatch.resolve(cfg, torch.device("cuda"), 1, log.info)
-    seconds = time.perf_counter() - t0
-    del distributed
-    return {
-        "micro_batch": choice.micro_batch,
-        "grad_accum_steps": choice.grad_accum_steps,
-        "seconds": seconds,
-        "probes": [vars(p) for p in choice.probes],
-        "note": choice.note,
-    }
-
-
-def run_profile() -> dict:
-    """Where the default recipe's step time goes: the top CUDA kernels over 2 profiled steps."""
-    import tempfile
-
-    import torch
-
-    from greenrun.core.output import Reporter
-    from greenrun.trainer import Trainer
-
-    cfg = greenrun_cfg(["precision=bf16", "trainer.compile=true"])
-    trainer = Trainer(cfg, Path(tempfile.mkdtemp()), reporter=Reporter(enabled=False))
+    trainer = trainer_for(row["over"], row["micro"], accum)
     for _ in range(WARMUP):
         trainer.train_step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            trainer.train_step()
+        trainer.train_step()
         torch.cuda.synchronize()
+    wall_ms = 1000 * (time.perf_counter() - t0)
     events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in events)
-    top = [
-        {"name": e.key[:90], "ms": e.device_time_total / 1000 / 2, "share": e.device_time_total / total}
-        for e in events[:20]
-    ]
+    busy = sum(e.device_time_total for e in events) / 1000
+    top = [{"name": e.key[:100], "ms": e.device_time_total / 1000, "share": e.device_time_total / 1000 / busy}
+           for e in events[:25]]  # fmt: skip
     trainer.close()
-    return {"gpu_ms_per_step": total / 1000 / 2, "top_kernels": top}
+    return {"gpu_busy_ms": busy, "wall_ms": wall_ms, "top_kernels": top}
+
+
+def run_curve(name: str) -> dict:
+    """Train `steps` optimizer steps of 32,768 tokens; the validation loss at the end, over 40 batches."""
+    overrides, steps = CURVES[name]
+    extra = [f"trainer.max_steps={steps}", "schedule.warmup_steps=30", "trainer.eval_batches=40"]
+    trainer = trainer_for(overrides + extra, 16, 2)
+    t0 = time.perf_counter()
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    seconds = time.perf_counter() - t0
+    val = trainer.evaluate()
+    trainer.close()
+    return {"losses": losses, "last20_mean": sum(losses[-20:]) / 20, "val_loss": val, "train_s": seconds}
+
+
+def run_graphs_check() -> dict:
+    """The same 4 optimizer steps (micro-batch 16 x 8) without and with CUDA graphs: losses and gradient norms."""
+    out = {}
+    for mode in ("default", "reduce-overhead"):
+        trainer = trainer_for(NOBIAS + [f"trainer.compile_mode={mode}"], 16, 8)
+        stats = [trainer.train_step() for _ in range(4)]
+        out[mode] = {"loss": [s["loss"] for s in stats], "grad_norm": [s["grad_norm"] for s in stats]}
+        trainer.close()
+    a, b = out["default"], out["reduce-overhead"]
+    out["max_rel_diff"] = max(abs(x - y) / abs(x) for k in a for x, y in zip(a[k], b[k], strict=True))
+    return out
 
 
 def child(name: str) -> dict:
-    if name == "profile_default":
-        return run_profile()
-    if name == "auto":
-        return run_auto()
-    if name.startswith("curve_wide_"):
-        return run_curve(name.rsplit("_", 1)[1])
-    kind, opts = ROWS[name]
-    return run_hf(opts) if kind == "hf" else run_greenrun(opts)
+    if name == "graphs_check":
+        return run_graphs_check()
+    if name in CURVES:
+        return run_curve(name)
+    row = ROWS[name]
+    accum = TOKENS // (row["micro"] * SEQ)
+    run = {"hf": lambda: run_hf(row["micro"], accum), "ref": lambda: run_ref(row, accum),
+           "profile": lambda: run_profile(row, accum)}.get(row["kind"], lambda: run_gr(row, accum))  # fmt: skip
+    return {"micro": row["micro"], "accum": accum, **run()}
+
+
+def ratios(rows: dict) -> None:
+    """Each row against HF compiled and the reference (same bias, same micro-batch) of this call."""
+    hf = rows.get("hf_compile_mb16", {}).get("tok_per_s")
+    for name, row in rows.items():
+        tps = row.get("tok_per_s")
+        if not tps:
+            continue
+        ref_name = f"ref{'_nobias' if 'nobias' in name else ''}_mb{row['micro']}"
+        ref = rows.get(ref_name, {}).get("tok_per_s") or rows.get(f"ref_mb{row['micro']}", {}).get(
+            "tok_per_s"
+        )
+        row["vs_hf_compile"] = tps / hf if hf else None
+        row["vs_ref"] = tps / ref if ref else None
 
 
 def main() -> None:
@@ -307,67 +286,42 @@ def main() -> None:
     ap.add_argument("--group", choices=sorted(GROUPS))
     ap.add_argument("--row")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--budget-s", type=float, default=560)
+    ap.add_argument("--budget-s", type=float, default=540)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.row:  # child process
-        result = child(args.row)
-        Path(args.out).write_text(json.dumps(result))
+        Path(args.out).write_text(json.dumps(child(args.row)))
         return
     import torch
 
-    info = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "global_batch": GLOBAL,
-        "warmup_steps": WARMUP,
-        "timed_steps": TIMED,
-        "rows": {},
-    }
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens_per_step": TOKENS,
+            "warmup_steps": WARMUP, "timed_steps": TIMED, "rows": {}}  # fmt: skip
     t_start = time.perf_counter()
     for name in GROUPS[args.group]:
-        if time.perf_counter() - t_start > args.budget_s:
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < 30:
             info["rows"][name] = {"error": "skipped: time budget"}
             continue
         tmp = Path(args.out).with_suffix(f".{name}.json")
+        before = ROWS.get(name, {}).get("kind") == "gr_before"
+        path = os.environ.get("BEFORE", "") if before else str(REPO)
+        env = {**os.environ, "PYTHONPATH": f"{path}:{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--row", name, "--out", str(tmp)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"},
-            timeout=max(30, args.budget_s - (time.perf_counter() - t_start)),
-        )
-        row = (
-            json.loads(tmp.read_text())
-            if proc.returncode == 0 and tmp.exists()
-            else {"error": (proc.stderr or proc.stdout)[-1500:]}
-        )
+        cmd = [sys.executable, __file__, "--row", name, "--out", str(tmp)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=left)
+            ok = proc.returncode == 0 and tmp.exists()
+            row = json.loads(tmp.read_text()) if ok else {"error": (proc.stderr or proc.stdout)[-1500:]}
+        except subprocess.TimeoutExpired:
+            row = {"error": "timed out: time budget"}
         row["wall_s"] = time.perf_counter() - t0
         info["rows"][name] = row
         tmp.unlink(missing_ok=True)
+        ratios(info["rows"])
         Path(args.out).write_text(json.dumps(info, indent=1))
-        brief = {
-            k: (round(v, 4) if isinstance(v, float) else v)
-            for k, v in row.items()
-            if k
-            in (
-                "tok_per_s",
-                "mfu",
-                "peak_mem_gib",
-                "predicted_mem_gib",
-                "ms_per_step",
-                "j_per_token",
-                "fp8_layers",
-                "micro_batch",
-                "seconds",
-                "last20_mean",
-                "wall_s",
-                "error",
-            )
-        }
-        log.info("%s %s", name, brief)
-    Path(args.out).write_text(json.dumps(info, indent=1))
+        keys = ("tok_per_s", "vs_ref", "vs_hf_compile", "mfu", "peak_mem_gib", "j_per_token", "val_loss",
+                "last20_mean", "max_rel_diff", "gpu_busy_ms", "wall_ms", "wall_s", "error")  # fmt: skip
+        brief = {k: round(row[k], 4) if isinstance(row[k], float) else row[k] for k in keys if k in row}
+        print(name, brief, flush=True)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,20 @@ def test_semantic_problems_are_collected():
     assert len(e.value.problems) >= 3
 
 
+def test_compile_mode_and_fp8_head_checks_name_their_keys():
+    overrides = ["precision=fp8", "precision.fp8.lm_head=true", "model.loss_chunk=4096"]
+    cfg = config.to_typed(compose(config_name="config", overrides=overrides))
+    cfg.trainer.compile_mode = "max-autotune-nocudagraphs"
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(cfg, check_device=False)
+    text = "\n".join(e.value.problems)
+    assert "trainer.compile_mode" in text and "max-autotune-no-cudagraphs" in text  # the closest valid mode
+    assert "fp8.lm_head" in text and "model.loss_chunk=0" in text
+    for mode in config.COMPILE_MODES:
+        ok = typed([f"trainer.compile_mode={mode}", "precision=fp8", "precision.fp8.lm_head=true"])
+        config.validate(ok, check_device=False)
+
+
 def test_math_hash_ignores_bookkeeping_keys():
     a = typed([])
     b = typed(["checkpoint.interval=7", "trainer.eval_interval=3", "run.dir=elsewhere"])

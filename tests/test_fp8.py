@@ -68,11 +68,25 @@ def test_validate_rejects_widths_below_16(width):
     assert "fp8.min_width" in problem and ">= 16" in problem
 
 
-def test_validate_refuses_the_tied_head_with_the_reason():
-    (problem,) = fp8.validate(Fp8Config(lm_head=True))
-    assert "fp8.lm_head" in problem and "tied" in problem and "fp8.lm_head=false" in problem
-    with pytest.raises(ValueError, match="lm_head"):
-        fp8.apply(Fp8Config(lm_head=True, min_width=64), small_gpt(64))
+def test_the_tied_head_is_planned_and_shares_the_embedding():
+    net = small_gpt(64)
+    assert fp8.plan(Fp8Config(min_width=4096), net) == []
+    assert fp8.plan(Fp8Config(min_width=4096, lm_head=True), net) == ["lm_head"]  # 320 x 64: multiples of 16
+    idx = torch.randint(0, 300, (2, 16))
+    _, before = net(idx, idx)
+    fp8.tie_head(net)
+    assert net.lm_head.weight is net.wte.weight  # one Parameter: the optimizer and checkpoint see one tensor
+    assert sum(1 for _ in net.parameters()) == len(list(small_gpt(64).parameters()))
+    _, after = net(idx, idx)
+    torch.testing.assert_close(after, before)
+    assert fp8.plan(Fp8Config(min_width=4096, lm_head=True), net) == [
+        "lm_head"
+    ]  # converting twice: one entry
+
+
+def test_a_head_of_odd_width_is_not_planned():
+    net = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=40, seq_len=8, vocab_size=300))
+    assert fp8.plan(Fp8Config(min_width=4096, lm_head=True), net) == []
 
 
 def test_device_problems_on_cpu_is_one_actionable_message():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from greenrun.core.shipped import load_option, option_names
 from greenrun.train.model import (
@@ -66,7 +67,7 @@ def test_forward_shapes():
     logits, loss = model(idx)
     assert logits.shape == (2, 1, cfg.vocab_size) and loss is None
     logits, loss = model(idx, targets)
-    assert logits.shape == (2, 16, cfg.vocab_size) and loss.shape == ()
+    assert logits is None and loss.shape == ()  # a training forward hands back no logits
     # An untrained model should be close to uniform over the vocabulary.
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5
     model.cfg.loss_chunk = 8
@@ -109,6 +110,26 @@ def test_gpt2_init():
             assert p.std().item() == pytest.approx(0.02, rel=0.05), name
     assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.all(model.ln_f.weight == 1)
+
+
+def test_padding_mask_equals_slicing_the_logits():
+    # vocab 1000 pads to 1024 rows: the masked loss over 1024 columns must be the loss over the real 1000,
+    # and the padding rows of the tied embedding must get exactly zero gradient from the head.
+    net = make_model(vocab_size=1000, n_layer=1)
+    idx, targets = batch(net.cfg, T=20)
+    targets[0, :5] = -1
+    _, loss = net(idx, targets)
+    loss.backward()
+    masked_grad = net.wte.weight.grad.clone()
+    net.zero_grad()
+    x = net.ln_f(net.h[0](net.wte(idx) + net.wpe(torch.arange(20))))
+    sliced = F.linear(x, net.wte.weight)[..., :1000]
+    reference = F.cross_entropy(sliced.reshape(-1, 1000), targets.reshape(-1), ignore_index=-1)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(masked_grad, net.wte.weight.grad, rtol=1e-5, atol=1e-7)
+    pad_rows = masked_grad[1000:]
+    assert torch.equal(pad_rows, torch.zeros_like(pad_rows))  # no token in idx is a padding id either
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])

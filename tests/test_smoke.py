@@ -8,10 +8,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from greenrun import config, data, fit, smoke
 from greenrun.config import Config
 from greenrun.data import DataConfig, DataError
+from greenrun.runtime import hardware
 from greenrun.train import activation_checkpointing, memory, optimizer, precision, target
 from greenrun.train.model import ModelConfig
 from greenrun.train.target import GiB, SmokeConfig
@@ -82,7 +84,11 @@ def test_the_issue_gpt2_on_a_cpu_with_21_gib_fails(monkeypatch):
     base = Config()
     cfg = dataclasses.replace(base, model=_gpt2_gpu().model)  # trainer.device=auto, micro-batch 32, fp32
     why, levers = fit.memory_verdict(cfg, target.resolve(cfg.smoke, cfg.trainer.device))
-    assert why == "predicted peak 50.8 GiB per device does not fit: 21.5 GiB on this machine's RAM"
+    full = _peak(cfg, 32)
+    assert full > 21.5 * GiB  # the premise: GPT-2 at 32 x 1024 in fp32 is far more than the 21.5 GiB here
+    assert (
+        why == f"predicted peak {full / GiB:.1f} GiB per device does not fit: 21.5 GiB on this machine's RAM"
+    )
     assert levers[0].settings == "trainer.micro_batch_size=8 trainer.grad_accum_steps=4"
     assert levers[0].total == _peak(cfg, 8) <= 21.5 * GiB < _peak(cfg, 16)
 
@@ -260,21 +266,141 @@ def test_smoke_of_a_too_small_corpus_exits_2_before_training(tiny, tmp_path):
     assert "PASS" not in r.stdout and "Traceback" not in r.stderr
 
 
-# --- the CPU steps of a GPU config ----------------------------------------------------------------------------
+# --- what the two steps of a GPU config run: precision, depth, device ------------------------------------------
 
 
-def test_a_gpu_config_runs_its_cpu_steps_in_fp32_where_half_precision_is_slow(monkeypatch):
-    cfg = _gpt2_gpu()
-    monkeypatch.setattr(smoke.hardware, "matmul_rates", lambda dtype: (150.0, 3.0))  # emulated bf16
-    name, why = smoke.cpu_precision(cfg, on_gpu=True)
-    assert name == "fp32" and "0.02x" in why
-    assert smoke.smoke_config(cfg, 12, name).precision.name == "fp32"
-    assert fit.memory_verdict(cfg, target.resolve(SmokeConfig("h100"), "cuda")) == ("", [])
-    monkeypatch.setattr(
-        smoke.hardware, "matmul_rates", lambda dtype: (150.0, 250.0)
-    )  # native bf16 (AVX512-BF16)
-    assert smoke.cpu_precision(cfg, on_gpu=True) == ("bf16", "")
-    monkeypatch.setattr(smoke.hardware, "matmul_rates", lambda dtype: (150.0, 3.0))
-    assert smoke.cpu_precision(cfg, on_gpu=False) == ("bf16", "")  # a CPU run trains in bf16: test that
-    fp8 = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, name="fp8"))
+def _with(cfg: Config, precision_name: str = "", policy: str = "") -> Config:
+    if precision_name:
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, name=precision_name))
+    if policy:
+        cfg = dataclasses.replace(
+            cfg, activation_checkpointing=dataclasses.replace(cfg.activation_checkpointing, policy=policy)
+        )
+    return cfg
+
+
+def test_a_gpu_config_runs_its_cpu_steps_in_fp32_whatever_this_cpus_matmuls_measure(monkeypatch):
+    def measured(*_):
+        raise AssertionError("the decision must not depend on a matmul measurement")
+
+    monkeypatch.setattr(hardware, "matmul_rates", measured)
+    for name in ("bf16", "fp16", "fp8"):
+        run_as, why = smoke.cpu_precision(_with(_gpt2_gpu(), name), on_gpu=True)
+        assert run_as == "fp32" and "minutes" in why, name
+    assert smoke.cpu_precision(_with(_gpt2_gpu(), "fp32"), on_gpu=True) == ("fp32", "")
+    # A CPU run trains in its own precision on this CPU: the steps test exactly that.
+    assert smoke.cpu_precision(_gpt2_gpu(), on_gpu=False) == ("bf16", "")
+    fp8 = _with(_gpt2_gpu(), "fp8")
     assert smoke.cpu_precision(fp8, on_gpu=False) == ("bf16", "its own kernels need a GPU")
+
+
+def test_the_memory_prediction_stays_the_full_bf16_config(monkeypatch):
+    monkeypatch.setattr(target.torch.cuda, "is_available", lambda: False)
+    cfg = _gpt2_gpu()
+    seen = {}
+
+    def steps(_cfg, small, device):
+        seen.update(small=small, device=device)
+        return "", [1.0, 0.9]
+
+    monkeypatch.setattr(smoke, "_two_steps", steps)
+    result = smoke.run(cfg)
+    small = seen["small"]
+    assert (small.precision.name, small.model.n_layer, small.trainer.device) == ("fp32", 2, "cpu")
+    assert (small.model.n_embd, small.model.n_head, small.model.vocab_size) == (768, 12, 50257)
+    assert seen["device"].type == "cpu" and result.ran_on == "the CPU"
+    assert result.layers_run == 2 and result.params == 124_475_904
+    assert result.estimate.total == _peak(cfg, 16)  # 12 blocks, 16 x 1024, bf16
+    assert _peak(cfg, 16) != _peak(_with(cfg, "fp32"), 16)  # which precision is predicted shows in the number
+
+
+@pytest.mark.parametrize(
+    ("policy", "n_layer", "blocks"),
+    [("none", 12, 2), ("full", 12, 2), ("every_k", 12, 2), ("sqrt", 12, 3), ("sqrt", 2, 2), ("none", 1, 1)],
+)
+def test_a_gpu_config_runs_the_fewest_blocks_that_show_its_checkpointing_plan(policy, n_layer, blocks):
+    cfg = _with(_gpt2_gpu(), policy=policy)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=n_layer))
+    n, why = smoke.smoke_depth(cfg, on_gpu=True, ram=1000 * GiB)
+    assert n == blocks and bool(why) == (blocks < n_layer)
+    full = set(activation_checkpointing.plan(cfg.activation_checkpointing, n_layer))
+    assert set(activation_checkpointing.plan(cfg.activation_checkpointing, n)) == full
+
+
+def test_a_cpu_config_runs_every_block_unless_ram_is_short():
+    cpu = dataclasses.replace(_gpt2_gpu(), trainer=dataclasses.replace(_gpt2_gpu().trainer, device="cpu"))
+    assert smoke.smoke_depth(cpu, on_gpu=False, ram=1000 * GiB) == (12, "")
+    state = 124_475_904 * smoke.BYTES_PER_PARAM_CPU  # 1.85 GiB of fp32 weights, grads and AdamW moments
+    n, why = smoke.smoke_depth(cpu, on_gpu=False, ram=int(state / smoke.RAM_SHARE) - 1)
+    assert n == 2 and "would not fit in this machine's RAM" in why
+    # Room for the embeddings and one block only: one block, for a CPU and a GPU config alike.
+    embeddings = 124_475_904 - 12 * 7_087_872
+    one = int((embeddings + 1.5 * 7_087_872) * smoke.BYTES_PER_PARAM_CPU / smoke.RAM_SHARE)
+    assert smoke.smoke_depth(cpu, on_gpu=False, ram=one)[0] == 1
+    assert smoke.smoke_depth(_gpt2_gpu(), on_gpu=True, ram=one)[0] == 1
+
+
+def test_the_device_for_the_two_steps():
+    need = 3 * GiB
+    assert smoke.preflight_device(True, True, 40 * GiB, need) == (
+        True,
+        "40.0 GiB free there, 3.00 GiB needed",
+    )
+    assert smoke.preflight_device(True, True, need, need)[0]
+    busy, why = smoke.preflight_device(True, True, need - 1, need)
+    assert not busy and "free of the 3.00 GiB needed" in why
+    assert smoke.preflight_device(True, True, None, need) == (
+        False,
+        "the run trains on a GPU, but the one here has an unknown amount free of the 3.00 GiB needed",
+    )
+    assert smoke.preflight_device(True, False, 40 * GiB, need) == (
+        False,
+        "the run trains on a GPU, and none is visible here",
+    )
+    assert smoke.preflight_device(True, True, 40 * GiB, need, ["precision=bf16: no bf16 here"]) == (
+        False,
+        "precision=bf16: no bf16 here",
+    )
+    assert smoke.preflight_device(False, True, 40 * GiB, need) == (False, "")  # a CPU run stays on the CPU
+
+
+def test_a_free_gpu_runs_the_two_steps_in_the_configured_precision(monkeypatch):
+    cuda = target.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(precision.get("bf16"), "device_problems", lambda device: [])
+    free = {"bytes": 140 * GiB}
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 * GiB))
+    seen = {}
+
+    def steps(_cfg, small, device):
+        seen.update(small=small, device=device)
+        return "", [1.0, 0.9]
+
+    monkeypatch.setattr(smoke, "_two_steps", steps)
+    cfg = dataclasses.replace(
+        _gpt2_gpu(), smoke=SmokeConfig("h200")
+    )  # a table GPU: resolve asks CUDA nothing
+    result = smoke.run(cfg)
+    small = seen["small"]
+    assert seen["device"] == target.torch.device("cuda", 0) and result.ran_on == "NVIDIA H200 (cuda:0)"
+    assert (small.precision.name, small.trainer.device, small.trainer.compile) == ("bf16", "cuda", False)
+    assert small.model.n_layer == 2 and result.ran_as == "bf16"
+    assert result.estimate.total == _peak(cfg, 16)
+
+    need = fit.estimate(smoke.smoke_config(cfg, 2, "bf16", device="cuda")).total
+    free["bytes"] = need  # less than the need with its margin: the CPU stands in
+    result = smoke.run(cfg)
+    assert seen["device"].type == "cpu" and seen["small"].precision.name == "fp32"
+    assert "free of the" in result.ran_on_why
+
+
+def test_a_gpu_recipe_reports_what_its_cpu_steps_ran(tiny):
+    r = run_cli("smoke", "+recipe=gpt2_gpu", *tiny, "model.n_layer=6", "model.seq_len=128")
+    assert r.returncode == 0, r.stdout + r.stderr
+    if torch.cuda.is_available():
+        assert "in bf16, eager" in r.stdout
+    else:
+        assert "bf16 ran as fp32 on the CPU (the run trains on a GPU, and none is visible here)" in r.stdout
+    assert "ran 2 of 6 blocks (same width, heads and vocabulary)" in r.stdout
+    assert "the memory prediction is all 6's" in r.stdout

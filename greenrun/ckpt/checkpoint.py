@@ -24,13 +24,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 import greenrun
 from greenrun.ckpt.retention import Retention
+
+# Taking the snapshot (copying the state off the device) lives in staging.py; these names stay importable here.
+from greenrun.ckpt.staging import Snapshot as Snapshot
+from greenrun.ckpt.staging import Stager as Stager
+from greenrun.ckpt.staging import to_cpu as to_cpu
+from greenrun.ckpt.staging import unique_tensors as unique_tensors
 from greenrun.core import lock
 from greenrun.core.fields import plain
 from greenrun.core.fs import fsync_dir
@@ -76,44 +81,6 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-# --- snapshot: copy state off the device so writing can happen while training continues ---------------
-
-
-def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tied weights share storage; safetensors refuses that, so keep one name and record the aliases."""
-    first: dict[tuple[int, int, tuple], str] = {}
-    unique, aliases = {}, {}
-    for name, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in first:
-            aliases[name] = first[ident]
-        else:
-            first[ident] = name
-            unique[name] = t
-    return unique, aliases
-
-
-def to_cpu(obj: Any) -> Any:
-    """Deep copy of a state tree with every tensor on the CPU (a real copy: the live tensors keep changing)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-@dataclass
-class Snapshot:
-    step: int
-    model: dict[str, torch.Tensor]
-    aliases: dict[str, str]
-    optimizer: dict
-    trainer: dict
-    meta: dict
 
 
 # --- write and commit ---------------------------------------------------------------------------------

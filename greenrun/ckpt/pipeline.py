@@ -85,6 +85,8 @@ class Checkpointer:
             self._join()  # one local write at a time: the disk, not a queue, bounds the backlog
             snap = snapshot_fn()
             self.newest_step = max(snap.step, self.newest_step or 0)
+            # The thread alone holds the snapshot, until its write returns: a Stager (staging.py) reuses the
+            # snapshot's host buffers only once it is gone, so after the join above they are free again.
             self._thread = threading.Thread(
                 target=self._write, args=(snap,), name="greenrun-ckpt", daemon=True
             )
@@ -153,6 +155,7 @@ class Checkpointer:
         end = t0 + max(0.0, seconds_left() - EXIT_MARGIN_S)
         self._cancel = threading.Event()
         self.uploader.abandon("a preemption came; the emergency checkpoint replaces it", outcome=SKIPPED)
+        # No join: an older write may still hold its snapshot, whose buffers the Stager then leaves alone.
         snap = snapshot_fn()
         step, remote = snap.step, self.uploader.remote
         self.newest_step = max(step, self.newest_step or 0)

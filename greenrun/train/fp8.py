@@ -32,12 +32,14 @@ MIN_CAPABILITY = (8, 9)
 # torch._scaled_mm, which every fp8 linear ends in, needs both matmul dimensions to be multiples of 16.
 FP8_DIM_MULTIPLE = 16
 
+HEAD = "lm_head"  # the name of the tied output head's linear when fp8.lm_head adds one
+
 
 @dataclass
 class Fp8Config:
     recipe: str = maths("tensorwise")  # tensorwise (per-tensor scale, fastest) | rowwise | rowwise_with_gw_hp
     min_width: int = maths(2048)  # convert an nn.Linear only if in and out features are both >= this (>= 16)
-    lm_head: bool = maths(False)  # fp8 for the tied output head; unsupported, must stay false (see validate)
+    lm_head: bool = maths(False)  # also run the tied output head (n_embd x padded vocab) as an fp8 matmul
 
 
 def validate(cfg: Fp8Config) -> list[str]:
@@ -52,16 +54,6 @@ def validate(cfg: Fp8Config) -> list[str]:
             f"fp8.min_width: must be an integer >= {FP8_DIM_MULTIPLE} (fp8 matmuls need dimensions that are "
             f"multiples of {FP8_DIM_MULTIPLE}, and narrow layers run slower in fp8), got {cfg.min_width!r}"
         )
-    if cfg.lm_head:
-        # The head is F.linear(x, wte.weight) inside GPT.forward (or the chunked loss), so there is no
-        # nn.Linear for torchao to swap; making it fp8 would mean changing the model itself. It is also
-        # the layer fp8 suits least: its weight doubles as the embedding table, and its logits feed the
-        # softmax, where rounding error lands directly on the loss.
-        problems.append(
-            "fp8.lm_head: the output head is tied to the token embedding and computed with "
-            "F.linear(x, wte.weight), not by an nn.Linear that torchao can convert, so it cannot run in "
-            "fp8; set fp8.lm_head=false (the head then runs in bf16)"
-        )
     return problems
 
 
@@ -69,22 +61,40 @@ def validate(cfg: Fp8Config) -> list[str]:
 
 
 def layer_filter(cfg: Fp8Config, module: nn.Module, fqn: str) -> bool:
-    """Whether the module at `fqn` should train in fp8: an nn.Linear wide enough to gain from it.
+    """Whether the module at `fqn` should train in fp8: an nn.Linear wide enough to gain from it, or the
+    output head when fp8.lm_head asks for it (its 50k-wide output amortises the casts even at width 768).
 
-    Pure (no torchao, no GPU). `fqn` is unused today but kept so the signature matches torchao's
-    module_filter_fn and a name-based rule can be added without changing callers.
+    Pure (no torchao, no GPU); the signature is torchao's module_filter_fn.
     """
     if not isinstance(module, nn.Linear):
         return False
     n_in, n_out = module.in_features, module.out_features
     if n_in % FP8_DIM_MULTIPLE or n_out % FP8_DIM_MULTIPLE:
         return False
+    if fqn == HEAD:
+        return cfg.lm_head
     return min(n_in, n_out) >= cfg.min_width
 
 
 def plan(cfg: Fp8Config, model: nn.Module) -> list[str]:
     """Names (as in named_modules) of the linears that apply() would convert, in model order."""
-    return [fqn for fqn, module in model.named_modules() if layer_filter(cfg, module, fqn)]
+    names = [fqn for fqn, module in model.named_modules() if layer_filter(cfg, module, fqn)]
+    if cfg.lm_head and HEAD not in names and hasattr(model, "wte"):
+        rows, width = model.wte.weight.shape
+        if not (rows % FP8_DIM_MULTIPLE or width % FP8_DIM_MULTIPLE):
+            names.append(HEAD)
+    return names
+
+
+def tie_head(model: nn.Module) -> None:
+    """Give `model` an nn.Linear output head that shares the token embedding's Parameter (no copy), so
+    torchao can convert it like any other linear; GPT.forward uses it when present."""
+    if isinstance(getattr(model, HEAD, None), nn.Module):
+        return
+    rows, width = model.wte.weight.shape
+    head = nn.Linear(width, rows, bias=False, device="meta")
+    head.weight = model.wte.weight
+    setattr(model, HEAD, head)
 
 
 # --- Conversion -----------------------------------------------------------------------------------
@@ -114,8 +124,8 @@ def apply(cfg: Fp8Config, model: nn.Module) -> list[str]:
     kernels in eager mode and only get fused into the matmuls under torch.compile, so an uncompiled
     fp8 model is slower than bf16. Run the forward under bf16 autocast: Float8Linear casts its input
     to the autocast dtype and returns bf16, while the fp32 master weights are scaled to fp8 each step.
-    The tied output head is not an nn.Linear and always stays bf16. Returns [] (and needs no torchao)
-    when no layer is wide enough.
+    With fp8.lm_head the tied output head becomes an nn.Linear over the embedding's own Parameter and is
+    converted too. Returns [] (and needs no torchao) when no layer qualifies.
     """
     problems = validate(cfg)
     if problems:
@@ -130,6 +140,8 @@ def apply(cfg: Fp8Config, model: nn.Module) -> list[str]:
             f"precision=fp8 needs torchao, which could not be imported ({e}); {torchao_hint()}"
         ) from e
 
+    if HEAD in plan(cfg, model):
+        tie_head(model)
     converted: list[str] = []
 
     def keep(module: nn.Module, fqn: str) -> bool:

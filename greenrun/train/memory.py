@@ -29,8 +29,8 @@ Activations, bytes per token, counted from what autograd saves in ``greenrun.tra
     activations = B T (per-block sum + model ends)
 
 Loss path, held from forward to backward:
-    loss_chunk == 0:  B T (C a + Vp a + 4 V + 8): head input, the logits (kept by the caller), the
-                      fp32 log-softmax the loss saves, and the targets
+    loss_chunk == 0:  B T (C a + 4 Vp + 8): head input, the fp32 log-softmax over the padded width
+                      (padding masked to -inf) the loss saves, and the targets; no logits are returned
     loss_chunk > 0:   4 B T C + 4 Vp C: the finished gradients w.r.t. the hidden states and head weight
 
 Transient, the largest short-lived buffer (only one exists at a time, so the max is taken):
@@ -135,7 +135,7 @@ def estimate(
         raise ValueError("world_size, micro_batch and seq_len must all be >= 1")
     chunk = model_cfg.loss_chunk if loss_chunk is None else loss_chunk
     a = _act_bytes(precision)
-    C, L, V, Vp = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size, padded_vocab(model_cfg)
+    C, L, Vp = model_cfg.n_embd, model_cfg.n_layer, padded_vocab(model_cfg)
     tokens = micro_batch * seq_len
 
     n = count_params(model_cfg, non_embedding=False)
@@ -159,7 +159,7 @@ def estimate(
         chunk = min(chunk, tokens)
         loss_transient = chunk * Vp * (4 + (a if a < 4 else 0)) + Vp * C * a
     else:
-        logits = tokens * (C * a + Vp * a + 4 * V + 8)
+        logits = tokens * (C * a + 4 * Vp + 8)
         loss_transient = tokens * Vp * (8 + a)
     transient = max(recompute_buffer, loss_transient)
 
