@@ -38,7 +38,7 @@ USAGE = """usage: greenrun COMMAND [overrides] [hydra flags]
 
 commands:
   train  [key=value ...]           compose the config, run the CPU preflight, train, checkpoint
-  smoke  [key=value ...]           the real config for two steps on the CPU: PASS/FAIL and a memory estimate
+  smoke  [key=value ...]           the real config for two steps (a free GPU, else the CPU): PASS/FAIL and a memory estimate
   resume RUN_DIR|s3://B/P/RUN [key=value ...]
                                    continue the newest valid checkpoint with the run's saved config
   archive RUN_DIR|s3://B/P/RUN [older_than_days=30] [storage_class=GLACIER_IR]

@@ -101,6 +101,11 @@ def test_every_recipe_composes_and_says_how_to_run_it(recipe):
     assert_applied(cfg, yaml_sets(path), "", [])
     picked = choices([f"+recipe={recipe}"])
     for entry in OmegaConf.load(path).get("defaults", []):
+        if isinstance(entry, str):  # another recipe it builds on: that one's values hold unless this file sets them
+            own = {key for key, _ in yaml_sets(path)}
+            base = [(k, v) for k, v in yaml_sets(config.recipes_dir() / f"{entry}.yaml") if k not in own]
+            assert_applied(cfg, base, "", [])
+            continue
         for key, option in entry.items():
             group = key.removeprefix("override ").strip("/")
             assert picked[group] == option, f"{recipe}: {group}={picked[group]}, the recipe picks {option}"
