@@ -27,8 +27,18 @@ from greenrun.runtime import energy, profiling, spot
 from greenrun.runtime.energy import EnergyConfig
 from greenrun.runtime.spot import SpotConfig
 from greenrun.storage import StorageConfig
-from greenrun.train import activation_checkpointing, optimizer, precision, schedule, target
+from greenrun.train import (
+    activation_checkpointing,
+    curriculum,
+    early_stopping,
+    optimizer,
+    precision,
+    schedule,
+    target,
+)
 from greenrun.train.activation_checkpointing import ActivationCheckpointingConfig
+from greenrun.train.curriculum import CurriculumConfig
+from greenrun.train.early_stopping import NONFINITE_MODES, EarlyStoppingConfig
 from greenrun.train.model import ModelConfig
 from greenrun.train.optimizer import OptimizerConfig
 from greenrun.train.precision import PrecisionConfig
@@ -78,6 +88,7 @@ class TrainerConfig:
     cpu_threads: int = plain(0)  # torch intra-op threads on a CPU; 0 = OMP_NUM_THREADS if set, else the cores
     profile_every: int = plain(0)  # run the torch profiler for profile_steps steps every N steps (0 = off)
     profile_steps: int = plain(3)  # steps per profiler window; traces land in RUN_DIR/profile/
+    on_nonfinite: str = plain("stop")  # non-finite loss or grad norm: stop (exit 1) | skip (drop the update)
 
 
 @dataclass
@@ -100,6 +111,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
@@ -229,6 +242,8 @@ def validate(cfg: Config, check_device: bool = True, need_corpus: bool = True) -
     problems += target.validate(cfg.smoke)
     problems += _model_problems(cfg.model)
     problems += _trainer_problems(cfg)
+    problems += early_stopping.validate(cfg.early_stopping)
+    problems += curriculum.validate(cfg.curriculum, cfg.model.seq_len, cfg.trainer.max_steps)
     if cfg.precision.name == "fp8" and cfg.precision.fp8.lm_head and cfg.model.loss_chunk > 0:
         problems.append(
             "precision.fp8.lm_head=true with model.loss_chunk>0: the chunked loss runs its own bf16 head "
@@ -250,7 +265,8 @@ def _device_problems(cfg: Config) -> list[str]:
         ]
     if cfg.trainer.device not in ("auto", "cpu", "cuda"):
         return []  # reported by the trainer checks
-    return precision.device_problems(cfg.precision, resolve_device(cfg.trainer.device))
+    device = resolve_device(cfg.trainer.device)
+    return precision.device_problems(cfg.precision, device) + optimizer.device_problems(cfg.optimizer, device)
 
 
 def _model_problems(m: ModelConfig) -> list[str]:
@@ -295,6 +311,7 @@ def _trainer_problems(cfg: Config) -> list[str]:
         problems.append(f"checkpoint.every_minutes: must be >= 0, got {cfg.checkpoint.every_minutes}")
     problems += checks.choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     problems += checks.choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
+    problems += checks.choice("trainer.on_nonfinite", t.on_nonfinite, NONFINITE_MODES)
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
         problems.append(
             f"trainer.stop_at_step: must be in [1, trainer.max_steps={t.max_steps}], got {t.stop_at_step}"

@@ -95,7 +95,7 @@ def find_levers(cfg: Config, where: Target) -> list[Lever]:
     kind that predict the same peak share a line); then, when none fits alone, the lowest of each kind together.
 
     The options are the registries' (POLICIES, PRECISIONS, OPTIMIZERS), so only settings that exist are named;
-    precisions this machine's target device cannot run (fp8 on a CPU) are left out.
+    precisions and optimizers this machine's target device cannot run (fp8 or adamw8bit on a CPU) are left out.
     """
     capacity, base = where.capacity(), estimate(cfg).total
     levers: list[Lever] = []
@@ -103,10 +103,12 @@ def find_levers(cfg: Config, where: Target) -> list[Lever]:
     micro = _micro_batch(cfg, capacity)
     if micro is not None:
         levers.append(Lever(micro[0], estimate(micro[1]).total))
+    precisions = [name for name in precision.PRECISIONS if _runs_on(precision.get(name), where)]
+    optimizers = [name for name in optimizer.OPTIMIZERS if _runs_on(optimizer.get(name), where)]
     kinds = (
         ("activation_checkpointing", "policy", list(activation_checkpointing.POLICIES)),
-        ("precision", "name", [name for name in precision.PRECISIONS if _runs_on(name, where)]),
-        ("optimizer", "name", list(optimizer.OPTIMIZERS)),
+        ("precision", "name", precisions),
+        ("optimizer", "name", optimizers),
     )
     for group, key, names in kinds:
         current = getattr(getattr(cfg, group), key)
@@ -132,10 +134,10 @@ def find_levers(cfg: Config, where: Target) -> list[Lever]:
     return levers
 
 
-def _runs_on(name: str, where: Target) -> bool:
-    """Whether precision `name` can run on the target, as far as this machine can tell (a table GPU or a bare
-    size cannot be asked)."""
-    return where.device is None or not precision.get(name).device_problems(where.device)
+def _runs_on(option: precision.Precision | optimizer.OptimizerOption, where: Target) -> bool:
+    """Whether a precision or optimizer option can run on the target, as far as this machine can tell (a table
+    GPU or a bare size cannot be asked)."""
+    return where.device is None or not option.device_problems(where.device)
 
 
 def gib(nbytes: int) -> str:

@@ -30,7 +30,8 @@ from greenrun.core.output import Reporter
 from greenrun.data import DataError
 from greenrun.runtime import distributed, hardware
 from greenrun.runtime.spot import EXIT_ABORTED, EXIT_LOCAL_ONLY, EXIT_PREEMPTED, PreemptionAbort
-from greenrun.train import autobatch, precision
+from greenrun.train import autobatch, precision, schedule
+from greenrun.train.early_stopping import NonFiniteError
 from greenrun.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def guarded(fn: Callable[[], JobResult]) -> JobResult:
         return JobResult(Outcome.FAILED, f"checkpoint: {e}")
     except storage.StorageError as e:  # the message names the endpoint and key, never a credential
         return JobResult(Outcome.FAILED, f"storage: {e}")
+    except NonFiniteError as e:  # the message names the step, the values and the settings to change
+        return JobResult(Outcome.FAILED, str(e))
     except PreemptionAbort as e:
         return JobResult(Outcome.ABORTED, f"aborted: {e}")
     except KeyboardInterrupt:
@@ -157,7 +160,7 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
     is_main = int(os.environ.get("RANK", "0")) == 0
     reporter = Reporter(enabled=is_main)
     if cfg.storage.kind != "local" and (problems := storage.access_problems(cfg.storage, run_dir)):
-        raise ConfigError(problems)  # one cheap call, before the preflight's 12-35 s
+        raise ConfigError(problems)  # one cheap call, before the preflight (5-25 s on 2 cores)
     if cfg.preflight and resume_from is None:
         result = smoke.run(cfg)
         smoke.print_result(result, cfg, reporter)
@@ -193,7 +196,9 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
         summary = {**result, "sample": sample}
         if dist.is_main:
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
-            trainer.export_weights()
+            trainer.final_export()
+        if result["early_stop"]:
+            log.info(f"stopped early at step {result['step']}: {result['early_stop']['reason']}")
         if result["finished"]:
             reporter.summary(result, str(run_dir), sample)
         else:
@@ -291,12 +296,19 @@ def continue_run(saved: Config, cfg: Config, run_dir: Path, missing_ok: bool) ->
             raise ConfigError([*e.problems, runs.missing_tokens_hint(cfg, manifest, path.name)]) from None
         raise
     changed = config.math_diff(saved, cfg)
+    # A longer (or otherwise changed) run redraws the lr curve from the resumed step on: say how, once.
+    note = ""
+    if path is not None:
+        kept = [int(p.name.removeprefix("step-")) for p in checkpoint.committed(run_dir / "checkpoints")]
+        before = schedule.Curve(saved.schedule, saved.optimizer.lr, saved.trainer.max_steps)
+        after = schedule.Curve(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_steps)
+        note = schedule.extension_note(before, after, int(manifest.get("step", 0)), kept)
     if changed and not cfg.allow_config_change:
         lines = [f"{k}: {a!r} (saved) -> {b!r}" for k, a, b in changed]
         raise ConfigError(
             [
                 "these overrides change the training math of a run in progress:\n      "
-                + "\n      ".join(lines)
+                + "\n      ".join(lines + ([f"then {note}"] if note else []))
                 + "\n    add allow_config_change=true to continue anyway (the run is then no longer exact)"
             ]
         )
@@ -318,16 +330,29 @@ def continue_run(saved: Config, cfg: Config, run_dir: Path, missing_ok: bool) ->
         raise ConfigError([*problems, "add allow_config_change=true to continue anyway"])
     if int(manifest.get("step", 0)) >= cfg.trainer.max_steps:
         return _already_finished(run_dir, int(manifest["step"]), manifest.get("val_loss"))
+    # Stopped early stays stopped unless the command line changes early_stopping (none, more patience...):
+    # then the run trains on, and its restored counters decide again at the next evaluation.
+    if manifest.get("early_stop") and cfg.early_stopping == saved.early_stopping:
+        step, val_loss = int(manifest["step"]), manifest.get("val_loss")
+        return _already_finished(run_dir, step, val_loss, early_stop=manifest["early_stop"])
+    if note:
+        log.warning(note)
     return train(cfg, resume_from=path)
 
 
-def _already_finished(run_dir: Path, step: int, val_loss: Any) -> JobResult:
+def _already_finished(run_dir: Path, step: int, val_loss: Any, early_stop: str = "") -> JobResult:
     """A scheduler re-running `train … resume=auto` on a finished run: say so and change nothing."""
     loss = f", val loss {val_loss:.4f}" if isinstance(val_loss, int | float) else ""
-    log.info(
-        f"{run_dir} already finished at step {step}{loss}; nothing to do "
-        "(to train on, resume with a larger trainer.max_steps and allow_config_change=true)"
-    )
+    if early_stop:
+        log.info(
+            f"{run_dir} already stopped early at step {step}{loss}; nothing to do (to train on, resume with "
+            f"early_stopping=none or a larger early_stopping.patience). {early_stop}"
+        )
+    else:
+        log.info(
+            f"{run_dir} already finished at step {step}{loss}; nothing to do "
+            "(to train on, resume with a larger trainer.max_steps and allow_config_change=true)"
+        )
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"step": step}
     return JobResult(Outcome.OK, run_dir=run_dir, summary=summary)

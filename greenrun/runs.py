@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -22,7 +23,7 @@ from greenrun.ckpt.remote import Remote, parse_run_url
 from greenrun.ckpt.retention import Retention
 from greenrun.ckpt.uploader import Uploader
 from greenrun.config import Config
-from greenrun.core import lock
+from greenrun.core import fs, lock
 from greenrun.core.fs import UnsafePath, atomic_write, refuse_symlink
 from greenrun.storage import ObjectNotFound
 
@@ -259,3 +260,22 @@ def remote_for_url(url: str, storage_overrides: list[str]) -> Remote:
         [f"storage.bucket={bucket}", f"storage.prefix={prefix}", "storage.kind=s3", *storage_overrides],
     )
     return Remote(storage.build(probe.storage, Path(".")), run_id)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """A run killed after its last checkpoint logged steps that resume will redo: drop them."""
+    fs.refuse_symlink(path)  # neither read another file as metrics nor replace it
+    if not path.exists():
+        return
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:  # a kill mid-write leaves half a line: it held nothing a resume needs
+            torn += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if torn:
+        log.warning(f"{path}: dropped {torn} torn line(s) a killed process left half-written")
+    atomic_write(path, "".join(line + "\n" for line in kept))

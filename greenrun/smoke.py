@@ -38,7 +38,8 @@ from greenrun.config import Config
 from greenrun.core.output import Reporter
 from greenrun.data import DataError
 from greenrun.runtime import distributed
-from greenrun.train import activation_checkpointing, memory, model, precision, target
+from greenrun.train import activation_checkpointing, memory, model, optimizer, precision, target
+from greenrun.train.early_stopping import NonFiniteError
 from greenrun.train.target import GiB, Target
 
 SMOKE_MICRO_BATCH = 2  # sequences per micro-batch
@@ -185,9 +186,21 @@ def smoke_config(cfg: Config, n_layer: int, run_as: str | None = None, device: s
             eval_batches=1,
             sample_tokens=0,
         ),
+        # An optimizer that needs a GPU (adamw8bit) steps as its CPU stand-in there; the estimate stays its own.
+        optimizer=dataclasses.replace(cfg.optimizer, name=_optimizer_on(cfg.optimizer.name, device)),
+        # Scoring the corpus under a reference model takes minutes; two steps only need windows in bins.
+        curriculum=dataclasses.replace(cfg.curriculum, score="length")
+        if cfg.curriculum.score == "model"
+        else cfg.curriculum,
         checkpoint=dataclasses.replace(cfg.checkpoint, interval=0, keep_last=1),
         energy=dataclasses.replace(cfg.energy, sensor="none"),  # two steps: nothing worth metering
     )
+
+
+def _optimizer_on(name: str, device: str) -> str:
+    if device != "cpu" or name not in optimizer.OPTIMIZERS:
+        return name
+    return optimizer.get(name).cpu_stand_in or name
 
 
 def run(cfg: Config) -> SmokeResult:
@@ -250,6 +263,8 @@ def _two_steps(cfg: Config, small: Config, device: torch.device) -> tuple[str, l
             return "", losses
     except DataError:
         raise  # bad input, not a failed check: the CLI reports it with exit 2
+    except NonFiniteError as e:
+        return f"loss is not finite: {e}", []
     except MemoryError:
         return "out of CPU memory", []
     except torch.cuda.OutOfMemoryError:
@@ -374,7 +389,9 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
             f"tokens, {cfg.precision.name}, checkpointing {cfg.activation_checkpointing.policy}):"
         )
         for name, value in result.estimate.table():
-            c.print(f"    {name:<18} {value}")
+            # This row is the optimizer's alone (AdamW keeps 8 bytes a parameter, Adafactor a fraction of one).
+            which = f"  (optimizer={cfg.optimizer.name})" if name == "optimizer_state" else ""
+            c.print(f"    {name:<18} {value}{which}", markup=False)
         if result.target is not None:
             fit.print_fit(c, result.target, result.estimate.total, result.levers)
     # Whether a preemption's checkpoint reaches the bucket in time, at the upload speed measured now.

@@ -7,9 +7,9 @@ so a checkpoint of model, optimizer, scaler, step and RNG states is all exact re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch.nn.parallel import DistributedDataParallel
 
-from greenrun import data
-from greenrun.ckpt import checkpoint
+from greenrun import data, runs
+from greenrun.ckpt import checkpoint, export
 from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.uploader import Uploader
 from greenrun.config import CUDA_GRAPH_MODES, Config, math_hash
 from greenrun.core import fs
-from greenrun.core.fs import atomic_write
 from greenrun.core.output import Reporter
 from greenrun.runtime import distributed, energy, hardware, profiling
 from greenrun.runtime.spot import PreemptionWatcher
-from greenrun.train import activation_checkpointing, model, optimizer, precision
+from greenrun.train import activation_checkpointing, curriculum, early_stopping, model, optimizer, precision
 from greenrun.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -72,6 +70,9 @@ class Trainer:
         random.seed(t.seed)
 
         self.data = data_set or data.build(cfg.data, cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+        self.curriculum = curriculum.build(
+            cfg.curriculum, self.data, cfg.model.seq_len, t.micro_batch_size, t.seed
+        )
         self.precision = precision.get(cfg.precision.name)
         self.model = model.GPT(cfg.model).to(self.device)
         self.recompute = activation_checkpointing.apply(self.model, cfg.activation_checkpointing)
@@ -122,6 +123,9 @@ class Trainer:
         self.wall_before = 0.0  # seconds earlier processes of this run trained (from the checkpoint)
         self._train_t0: float | None = None
         self.stager = checkpoint.Stager()  # the snapshot's host buffers, allocated once
+        self.stopper = early_stopping.build(cfg.early_stopping)
+        self.early_stop: early_stopping.Decision | None = None  # the decision that ended this process's loop
+        self.guard = early_stopping.NonFiniteGuard(t.on_nonfinite)
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
@@ -129,7 +133,9 @@ class Trainer:
         t = self.cfg.trainer
         lr = lr_at(self.step, self.cfg.schedule, self.cfg.optimizer.lr, t.max_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get(
+                "lr_scale", 1.0
+            )  # an optimizer's groups may run at a multiple (muon)
         self.train_model.train()
         if self.cuda_graphs:
             # A graph replays into memory it owns, so a .grad that autograd took over from a graph's output
@@ -156,19 +162,25 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
         )
-        self.scaler.step(self.optimizer)
+        # The step's one device-to-host sync, before the update: a non-finite step never reaches the weights.
+        apply, loss_value, norm_value = self.guard.check(
+            self.step + 1, total, grad_norm, check_norm=not self.scaler.is_enabled()
+        )
+        if apply:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
-        self.step += 1
-        # One device-to-host sync per step, for both numbers.
-        loss_value, norm_value = torch.stack([distributed.mean(total), grad_norm.float()]).tolist()
+        self.step += 1  # a skipped step too: batches follow the step, so retrying it would fail again
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     def _batch(self, split: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.trainer
-        x, y = self.data.batch(
-            split, step, micro, self.dist.rank, t.micro_batch_size, self.cfg.model.seq_len, t.seed
-        )
+        if split == "train":  # the curriculum picks training data; validation stays uniform at full length
+            x, y = self.curriculum.batch(step, micro, self.dist.rank)
+        else:
+            x, y = self.data.batch(
+                split, step, micro, self.dist.rank, t.micro_batch_size, self.cfg.model.seq_len, t.seed
+            )
         if self.device.type == "cuda":
             # A copy from pageable memory first waits for the GPU to drain its queue, so the host could never
             # run ahead of the kernels; from pinned memory (cached by torch's host allocator) it is queued.
@@ -214,6 +226,7 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()
+                    record["elapsed_s"] = self.wall_before + now - t0  # training seconds of the whole run
                     record["tok_per_s"] = (
                         (self.step - window_step) * self.tokens_per_step / max(now - window_t, 1e-9)
                     )
@@ -230,10 +243,6 @@ class Trainer:
                         self._evaluate_and_log(record)
                     else:
                         self._log(record)
-                if not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(
-                        f"loss became {stats['loss']} at step {self.step}; lower optimizer.lr or use precision=bf16"
-                    )
                 # Every rank must take the same branch: decisions come from rank 0's flag and clock.
                 if distributed.any_flag(watcher.requested):
                     self.reporter.stop()
@@ -246,6 +255,8 @@ class Trainer:
                     watcher.finished()
                     if emergency.message:
                         (log.warning if emergency.safe else log.error)(emergency.message)
+                    break
+                if self.early_stop is not None:  # decided at this step's evaluation, alike on every rank
                     break
                 if not last:
                     self.checkpointer.maybe_save(self.step, self.snapshot)
@@ -263,7 +274,10 @@ class Trainer:
             ),
             "j_per_token": energy.per_token(joules, trained_tokens),
             "step": self.step,
-            "finished": self.step >= t.max_steps,
+            "finished": self.step >= t.max_steps or self.early_stop is not None,
+            # Why and where early stopping ended the run, with the best evaluation (None: it did not).
+            "early_stop": dataclasses.asdict(self.early_stop) if self.early_stop is not None else None,
+            "skipped_steps": self.guard.skipped,  # steps whose non-finite update trainer.on_nonfinite=skip dropped
             "preempted": preempted,
             "first_val_loss": self.first_val,
             "val_loss": self.last_val,
@@ -284,7 +298,23 @@ class Trainer:
         self.last_val = record["val_loss"]
         if self.first_val is None and record["step"] == 0:
             self.first_val = record["val_loss"]
+        if record["step"] > 0:  # the untrained model's loss is no baseline to stop against
+            self._watch(record["val_loss"])
         self._log(record)
+
+    def _watch(self, val_loss: float) -> None:
+        decision = self.stopper.update(val_loss, self.step, self.curriculum_ramping(self.step))
+        if decision.improved and self.cfg.early_stopping.restore_best and self.dist.is_main:
+            self.export_weights()  # export/ holds the best weights so far: they outlive a kill or a resume
+        if decision.stop:
+            self.early_stop = decision
+
+    def curriculum_ramping(self, step: int) -> bool:
+        """Whether a curriculum still adds harder data at `step`: early stopping never fires while it does.
+
+        A pure function of the step (greenrun.train.curriculum), so every rank and a resumed run agree.
+        """
+        return self.curriculum.ramping(step)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.reporter.update(record)
@@ -307,17 +337,28 @@ class Trainer:
                 + (time.perf_counter() - self._train_t0 if self._train_t0 else 0.0),
                 "scaler": self.scaler.state_dict(),
                 "rng": rng,
+                "early_stopping": self.stopper.state_dict(),
+                "nonfinite": self.guard.state_dict(),
             },
         }
 
     def load_state_dict(self, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
         self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optim_state)
+        try:
+            self.optimizer.load_state_dict(optim_state)
+        except (ValueError, KeyError) as e:  # torch names the mismatch, not what to do about it
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's optimizer state does not fit optimizer={self.cfg.optimizer.name} ({e}); it was "
+                "written by another optimizer or by a greenrun before 2026-12-02, whose AdamW also decayed the "
+                "embeddings: resume it with the greenrun that wrote it, or start a new run"
+            ) from e
         self.step = int(trainer_state["step"])
         self.first_val = trainer_state.get("first_val")
         self.wall_before = float(trainer_state.get("wall_s", 0.0))
         if trainer_state["scaler"]:
             self.scaler.load_state_dict(trainer_state["scaler"])
+        self.stopper.load_state_dict(trainer_state.get("early_stopping", {}))
+        self.guard.load_state_dict(trainer_state.get("nonfinite", {}))
         rng = trainer_state["rng"]
         torch.set_rng_state(rng["cpu"])
         random.setstate(rng["python"])
@@ -336,6 +377,11 @@ class Trainer:
     def snapshot(self) -> checkpoint.Snapshot:
         state = self.state_dict()
         unique, aliases = checkpoint.unique_tensors(state["model"])
+        # The guard stops a non-finite step before its update; an update that overflowed is caught here.
+        if not early_stopping.all_finite(unique.values()):
+            raise early_stopping.NonFiniteError(
+                f"the weights are not finite after step {self.step}: not checkpointing them. Lower optimizer.lr"
+            )
         # Into host buffers allocated at the first save and reused by every later one (ckpt/staging.py).
         return self.stager.snapshot(
             step=self.step,
@@ -348,6 +394,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "data_cache_key": self.data.cache_key,
                 "val_loss": self.last_val,
+                "early_stop": self.early_stop.reason if self.early_stop is not None else "",
             },
         )
 
@@ -355,29 +402,25 @@ class Trainer:
         model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
         self.load_state_dict(model_state, optim_state, trainer_state)
         if self.dist.is_main:
-            _truncate_metrics(self.metrics_path, self.step)
+            runs.truncate_metrics(self.metrics_path, self.step)
 
     def export_weights(self) -> Path:
         """Model-only weights in checkpoint.weights_dtype for inference or fine-tuning: half the bytes in bf16/fp16."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            self.cfg.checkpoint.weights_dtype
-        ]
-        unique, _ = checkpoint.unique_tensors(self.model.state_dict())
-        weights = {
-            k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu() for k, v in unique.items()
-        }
-        path = (
-            self.run_dir
-            / "export"
-            / f"model-step-{self.step:08d}-{self.cfg.checkpoint.weights_dtype}.safetensors"
-        )
-        metadata = {"step": str(self.step), "dtype": self.cfg.checkpoint.weights_dtype}
-        fs.refuse_symlink(path.parent)  # a linked export/ would put (and overwrite) files elsewhere
-        atomic_write(path, save(weights, metadata=metadata))
-        exports = sorted(path.parent.glob("model-step-*.safetensors"), reverse=True)  # step-major names
-        for old in exports[max(1, self.cfg.checkpoint.keep_exports) :]:
-            old.unlink(missing_ok=True)
-        return path
+        c = self.cfg.checkpoint
+        return export.write(self.run_dir, self.model.state_dict(), self.step, c.weights_dtype, c.keep_exports)
+
+    def _export_path(self, step: int) -> Path:
+        return export.export_path(self.run_dir, step, self.cfg.checkpoint.weights_dtype)
+
+    def final_export(self) -> Path:
+        """The export a run leaves: with early_stopping.restore_best the best evaluation's weights, exported
+        when it was reached (_watch); else the weights now."""
+        best = self.stopper.best_step if self.cfg.early_stopping.restore_best else None
+        if best is not None and self._export_path(best).is_file():
+            return self._export_path(best)
+        if best is not None:  # only after a resume that went another way than the run it continued
+            log.warning(f"the best weights (step {best}) are gone from export/: exporting step {self.step}'s")
+        return self.export_weights()
 
     def sample(self, prompt: str | None = None) -> str:
         n = self.cfg.trainer.sample_tokens
@@ -396,22 +439,3 @@ class Trainer:
         self.profiler.close(self.step)
         self.checkpointer.close(upload_timeout=self.upload_grace_s)
         distributed.teardown()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """A run killed after its last checkpoint logged steps that resume will redo: drop them."""
-    fs.refuse_symlink(path)  # neither read another file as metrics nor replace it
-    if not path.exists():
-        return
-    kept, torn = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:  # a kill mid-write leaves half a line: it held nothing a resume needs
-            torn += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
-    if torn:
-        log.warning(f"{path}: dropped {torn} torn line(s) a killed process left half-written")
-    atomic_write(path, "".join(line + "\n" for line in kept))

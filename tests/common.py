@@ -32,3 +32,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def straight_and_sliced(args: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The same run twice: straight through, and stopped at step 10 then resumed (for exact-resume checks)."""
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    r = run_cli("train", *args, f"run.dir={straight}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *args, "trainer.stop_at_step=10", f"run.dir={sliced}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("resume", str(sliced))
+    assert r.returncode == 0, r.stderr
+    return straight, sliced

@@ -101,7 +101,9 @@ def test_every_recipe_composes_and_says_how_to_run_it(recipe):
     assert_applied(cfg, yaml_sets(path), "", [])
     picked = choices([f"+recipe={recipe}"])
     for entry in OmegaConf.load(path).get("defaults", []):
-        if isinstance(entry, str):  # another recipe it builds on: that one's values hold unless this file sets them
+        if isinstance(
+            entry, str
+        ):  # another recipe it builds on: that one's values hold unless this file sets them
             own = {key for key, _ in yaml_sets(path)}
             base = [(k, v) for k, v in yaml_sets(config.recipes_dir() / f"{entry}.yaml") if k not in own]
             assert_applied(cfg, base, "", [])
@@ -198,7 +200,13 @@ def test_apply_overrides_on_typed_config():
 def test_the_local_keys_are_exactly_the_paths_urls_and_commands():
     """Keys declared `local=True` never come from a bucket's config. A new path, URL or command key (a window
     or carbon command, say) must be declared local and added here."""
-    assert sorted(config.LOCAL_KEYS) == ["data.cache_dir", "data.paths", "run.dir", "spot.metadata_url"]
+    assert sorted(config.LOCAL_KEYS) == [
+        "curriculum.reference",
+        "data.cache_dir",
+        "data.paths",
+        "run.dir",
+        "spot.metadata_url",
+    ]
     remote = config.apply_overrides(
         config.Config(),
         ["data.paths=[/etc/passwd]", "data.cache_dir=/x", "run.dir=/y", "spot.metadata_url=http://evil/"],

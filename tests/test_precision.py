@@ -83,10 +83,10 @@ def test_fp8_prepare_converts_through_torchao_and_then_must_compile(monkeypatch)
 
 
 def test_validate_checks_the_name_and_only_fp8_reads_the_fp8_settings():
-    bad_fp8 = Fp8Config(recipe="rowwize", lm_head=True)
+    bad_fp8 = Fp8Config(recipe="rowwize", min_width=8)
     assert precision.validate(PrecisionConfig(name="bf16", fp8=bad_fp8)) == []
     problems = precision.validate(PrecisionConfig(name="fp8", fp8=bad_fp8))
-    assert len(problems) == 2 and "fp8.recipe" in problems[0] and "fp8.lm_head" in problems[1]
+    assert len(problems) == 2 and "fp8.recipe" in problems[0] and "fp8.min_width" in problems[1]
     (problem,) = precision.validate(PrecisionConfig(name="bf61", fp8=bad_fp8))
     assert problem.startswith("precision.name: unknown value 'bf61'") and "did you mean bf16?" in problem
 

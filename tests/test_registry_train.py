@@ -9,8 +9,18 @@ import pytest
 from greenrun.core import fields
 from greenrun.core.registry import Registry
 from greenrun.core.shipped import load_option, option_names
-from greenrun.train import activation_checkpointing, model, optimizer, precision, schedule
+from greenrun.train import (
+    activation_checkpointing,
+    curriculum,
+    early_stopping,
+    model,
+    optimizer,
+    precision,
+    schedule,
+)
 from greenrun.train.activation_checkpointing import ActivationCheckpointingConfig
+from greenrun.train.curriculum import CurriculumConfig
+from greenrun.train.early_stopping import EarlyStoppingConfig
 from greenrun.train.fp8 import Fp8Config
 from greenrun.train.model import ModelConfig
 from greenrun.train.optimizer import OptimizerConfig
@@ -42,6 +52,18 @@ GROUPS = {
         "schedule.name",
         lambda name: ScheduleConfig(name=name),
         schedule.validate,
+    ),
+    "early_stopping": (
+        early_stopping.STOPPERS,
+        "early_stopping.name",
+        lambda name: EarlyStoppingConfig(name=name),
+        early_stopping.validate,
+    ),
+    "curriculum": (
+        curriculum.CURRICULA,
+        "curriculum.name",
+        lambda name: CurriculumConfig(name=name),
+        lambda cfg: curriculum.validate(cfg, seq_len=1024, max_steps=10_000),
     ),
 }
 
@@ -91,6 +113,8 @@ DEFAULTS = {
     "activation_checkpointing": ("none", ActivationCheckpointingConfig),
     "optimizer": ("adamw", OptimizerConfig),
     "schedule": ("cosine", ScheduleConfig),
+    "early_stopping": ("none", EarlyStoppingConfig),
+    "curriculum": ("none", CurriculumConfig),
 }
 
 

@@ -152,7 +152,7 @@ class Stager:
             for path in self._buffers.keys() - seen:
                 del self._buffers[path]
         if self.allocated_bytes and keep:
-            log.info(
+            log.debug(
                 f"checkpoint staging: allocated {self.allocated_bytes / 2**20:.0f} MiB of host buffers "
                 f"({self.pinned_bytes / 2**20:.0f} MiB pinned in all), reused by every later save"
             )

@@ -3,6 +3,9 @@
 The expensive part runs once and is cached under `<cache_dir>/<key[:16]>/`, where the key hashes the
 corpus text and every setting that changes the bytes on disk. meta.json is written last: its presence
 marks a complete cache, and builders (torchrun ranks) serialise on a lock, then rename into place.
+
+Window scores for curriculum=difficulty live beside the shards (`cached_scores`): scores-<name>.npy plus a
+JSON file written after it that marks it complete. Both are plain data: loading them never runs code.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from greenrun.core.fs import atomic_write
 from greenrun.data.dataset import Dataset
 from greenrun.data.sources import DataConfig, DataError, Doc, documents, iter_texts, validate
 
@@ -31,6 +35,7 @@ except ImportError:  # Windows: the atomic rename alone still keeps the cache co
     fcntl = None
 
 FORMAT_VERSION = 3  # bump when the layout or text -> tokens changes, so old caches miss
+SCORES_VERSION = 1  # bump when a window score or the tiling changes, so old score files miss
 EOT = "<|endoftext|>"
 _PIECE_CHARS = 1_000_000  # longest text handed to the tokenizer at once
 _BATCH_CHARS = 4_000_000  # text per encode_batch call: enough to keep every core busy
@@ -199,3 +204,52 @@ def build(cfg: DataConfig, vocab_size: int, *, seq_len: int = 0) -> Dataset:
     if seq_len > 0:
         dataset.check_fits(seq_len)
     return dataset
+
+
+# --- window scores (curriculum=difficulty), computed once per cache, score kind, seq_len and reference -------
+
+
+def scores_name(kind: str, seq_len: int, key: str = "") -> str:
+    """The score files' stem: `key` (e.g. the reference checkpoint's hash) tells apart two scores of one kind."""
+    return f"scores-{kind}-{seq_len}" + (f"-{key[:16]}" if key else "")
+
+
+def _read_scores(ds: Dataset, name: str, expect: dict) -> np.ndarray | None:
+    try:
+        meta = json.loads((ds.cache_path / f"{name}.json").read_text())
+        scores = np.load(ds.cache_path / f"{name}.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    same = isinstance(meta, dict) and all(meta.get(k) == v for k, v in expect.items())
+    if not same or scores.shape != (expect["windows"],) or scores.dtype != np.float64:
+        return None  # another tiling, a torn copy, or a file of the same name from elsewhere: recompute
+    return scores
+
+
+def cached_scores(
+    ds: Dataset, kind: str, seq_len: int, key: str, compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, bool]:
+    """(one float64 score per window of ds's train tiling at seq_len, whether `compute` ran now).
+
+    The first caller computes and publishes them; later ones (other torchrun ranks, resumed processes) wait
+    on a lock and read the file back.
+    """
+    name = scores_name(kind, seq_len, key)
+    windows = int(ds.tiles(seq_len)[-1]) if len(ds.shards["train"]) else 0
+    expect = {"version": SCORES_VERSION, "kind": kind, "seq_len": seq_len, "key": key, "windows": windows}
+    expect["cache_key"] = ds.cache_key
+    found = _read_scores(ds, name, expect)
+    if found is not None:
+        return found, False
+    with _lock(ds.cache_path / f".{name}.lock"):
+        found = _read_scores(ds, name, expect)
+        if found is not None:
+            return found, False
+        t0 = time.perf_counter()
+        scores = np.ascontiguousarray(compute(), dtype=np.float64)
+        if scores.shape != (windows,):
+            raise ValueError(f"{kind} scores: {scores.shape} for {windows} windows")
+        meta = expect | {"seconds": round(time.perf_counter() - t0, 3)}
+        atomic_write(ds.cache_path / f"{name}.npy", lambda fh: np.save(fh, scores, allow_pickle=False))
+        atomic_write(ds.cache_path / f"{name}.json", json.dumps(meta, indent=1))  # last: marks complete
+    return scores, True

@@ -1,7 +1,8 @@
 """A built token cache, read back: the tokenizer plus memory-mapped shards, and batches from them.
 
 Batches are a pure function of (seed, split, step, micro_step, rank), so a resumed run needs no iterator
-state.
+state. For curriculum=difficulty the train split is also cut into a fixed tiling of windows, each scored once
+(`length_scores`, `rarity_scores`); batches then draw from a pool of those windows instead of any start.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Dataset:
             for split, counts in self.meta["shards"].items()
         }
         self._index: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._tiles: dict[int, np.ndarray] = {}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -99,3 +101,105 @@ class Dataset:
             rows[i] = self.shards[split][s][o : o + seq_len + 1]
         rows_t = torch.from_numpy(rows)
         return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
+
+    # --- the fixed tiling of the train split (curriculum=difficulty) -----------------------------------
+
+    def tiles(self, seq_len: int) -> np.ndarray:
+        """Windows per train shard, as a running total (window ids are 0 .. tiles[-1] - 1, shard by shard).
+
+        Window j of a shard holds its tokens [j * seq_len, j * seq_len + seq_len + 1): neighbours share one
+        token, so every token after a shard's first is a target exactly once, and no window crosses a shard.
+        """
+        if seq_len not in self._tiles:
+            counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards["train"]]
+            self._tiles[seq_len] = np.cumsum(np.array(counts, dtype=np.int64))
+        return self._tiles[seq_len]
+
+    def tile_starts(self, seq_len: int) -> np.ndarray:
+        """Each window's first token, counted from the start of the whole train split."""
+        cum = self.tiles(seq_len)
+        counts = np.diff(cum, prepend=0)
+        shard_at = np.cumsum([0] + [len(s) for s in self.shards["train"]])[:-1]
+        which = np.repeat(np.arange(len(cum)), counts)
+        local = np.arange(int(cum[-1]) if len(cum) else 0) - (cum[which] - counts[which])
+        return shard_at[which] + local * seq_len
+
+    def pool_batch(
+        self,
+        pool: np.ndarray,
+        step: int,
+        micro_step: int,
+        rank: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) as `batch` gives them, but each row a window of the train tiling drawn uniformly from
+        `pool` (window ids). A pure function of its arguments, so a resumed run draws the same rows."""
+        rng = np.random.default_rng(_seed_for(seed, SPLIT_IDS["train"], step, micro_step, rank))
+        rows = torch.from_numpy(self.tile_rows(pool[rng.integers(0, len(pool), size=batch_size)], seq_len))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def tile_rows(self, ids: np.ndarray, seq_len: int) -> np.ndarray:
+        """The tokens of the windows `ids` of the train tiling: int64 [len(ids), seq_len + 1]."""
+        cum = self.tiles(seq_len)
+        which = np.searchsorted(cum, ids, side="right")
+        offsets = (ids - (cum[which] - np.diff(cum, prepend=0)[which])) * seq_len
+        rows = np.empty((len(ids), seq_len + 1), dtype=np.int64)
+        for i, (s, o) in enumerate(zip(which.tolist(), offsets.tolist(), strict=True)):
+            rows[i] = self.shards["train"][s][o : o + seq_len + 1]
+        return rows
+
+
+# --- window scores: one number per window of the train tiling, higher = harder ---------------------------
+
+_ROWS = 1 << 14  # windows scored per numpy pass: bounds the temporary arrays, not the result
+
+
+def length_scores(ds: Dataset, seq_len: int) -> np.ndarray:
+    """The length, in tokens, of the document each token of a window sits in, averaged over the window's
+    seq_len + 1 tokens: a window inside one document scores that document's length.
+
+    Documents end at an EOT token (counted as the last token of the document it ends) and may span shards;
+    the split's last document may lack its EOT (the val split starts there).
+    """
+    sizes = [len(s) for s in ds.shards["train"]]
+    shard_at = np.cumsum([0] + sizes)
+    eots = [
+        np.flatnonzero(np.asarray(s) == ds.eot_id) + at
+        for s, at in zip(ds.shards["train"], shard_at[:-1].tolist(), strict=True)
+    ]
+    ends = np.concatenate([*eots, np.zeros(0, dtype=np.int64)]) + 1
+    total = int(shard_at[-1])
+    if len(ends) == 0 or ends[-1] != total:
+        ends = np.append(ends, total)
+    starts = np.concatenate([[0], ends[:-1]])
+    lengths = ends - starts
+    # F(x) = sum over the tokens before position x of their document's length: piecewise linear in x.
+    before = np.concatenate([[0], np.cumsum(lengths * lengths)[:-1]])
+
+    def below(x: np.ndarray) -> np.ndarray:
+        d = np.minimum(np.searchsorted(ends, x, side="right"), len(ends) - 1)
+        return before[d] + (x - starts[d]) * lengths[d]
+
+    first = ds.tile_starts(seq_len)
+    return (below(first + seq_len + 1) - below(first)) / (seq_len + 1)
+
+
+def rarity_scores(ds: Dataset, seq_len: int) -> np.ndarray:
+    """Mean token rarity of each window: the mean over its seq_len + 1 tokens of -log(unigram frequency),
+    the frequencies counted over the whole train split."""
+    counts = np.zeros(ds.vocab_size, dtype=np.int64)
+    for shard in ds.shards["train"]:
+        for lo in range(0, len(shard), _ROWS * 64):
+            counts += np.bincount(shard[lo : lo + _ROWS * 64], minlength=ds.vocab_size)[: ds.vocab_size]
+    with np.errstate(divide="ignore"):
+        cost = np.where(counts > 0, -np.log(counts / counts.sum()), 0.0)  # 0: a token the split never holds
+    cum, out = ds.tiles(seq_len), []
+    for shard, n in zip(ds.shards["train"], np.diff(cum, prepend=0).tolist(), strict=True):
+        for r0 in range(0, n, _ROWS):
+            r1 = min(n, r0 + _ROWS)
+            body = cost[shard[r0 * seq_len : r1 * seq_len]].reshape(r1 - r0, seq_len).sum(axis=1)
+            last = cost[shard[(r0 + 1) * seq_len : r1 * seq_len + 1 : seq_len]]  # each window's extra token
+            out.append((body + last) / (seq_len + 1))
+    return np.concatenate(out) if out else np.zeros(0)

@@ -10,8 +10,8 @@ Weights, gradients, optimizer (parameters are fp32 master copies in every precis
     params          = 4 N, plus 2 bytes per matmul weight element (12 L C^2 + Vp C) under autocast,
                       because autocast caches one half-precision copy of each weight for the step
     grads           = 4 N
-    optimizer_state = what the optimizer option keeps for N parameters (its state_bytes; adamw: 8 N,
-                      two fp32 moments)
+    optimizer_state = what the optimizer option keeps for this model's parameters (its state_bytes, asked
+                      of a meta-device model: adamw 8 N, two fp32 moments, + 4 bytes of step counter per tensor)
 
 Activations, bytes per token, counted from what autograd saves in ``greenrun.train.model.Block``:
     "none" block      2 C r   LayerNorm inputs (ln_1: the block input; ln_2: after the attention add)
@@ -47,12 +47,16 @@ bytes autograd actually saves (tests/test_memory.py): within 1% for every recomp
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
+import torch
+
 from greenrun.core.registry import Registry
-from greenrun.train.model import ModelConfig, count_params, padded_vocab
-from greenrun.train.optimizer import OPTIMIZERS
+from greenrun.train.model import GPT, ModelConfig, count_params, padded_vocab
+from greenrun.train.optimizer import OPTIMIZERS, OptimizerOption
 from greenrun.train.precision import PRECISIONS
 
 Option = TypeVar("Option")
@@ -109,6 +113,15 @@ def _option(registry: Registry[Option], name: str) -> Option:
     return registry.get(name)
 
 
+@functools.lru_cache(maxsize=32)
+def _optimizer_state(option: OptimizerOption, model_fields: tuple) -> int:
+    # Parameter shapes and module types are all state_bytes reads: a meta-device model has them, costs no
+    # memory, and is cached because fit.py asks for the same model once per lever.
+    with torch.device("meta"):
+        model = GPT(ModelConfig(*model_fields))
+    return option.state_bytes(model)
+
+
 def estimate(
     model_cfg: ModelConfig,
     micro_batch: int,
@@ -141,7 +154,7 @@ def estimate(
     n = count_params(model_cfg, non_embedding=False)
     params = 4 * n + (2 * (12 * L * C * C + Vp * C) if a < 4 else 0)
     grads = 4 * n
-    optimizer_state = _option(OPTIMIZERS, optimizer).state_bytes(n)
+    optimizer_state = _optimizer_state(_option(OPTIMIZERS, optimizer), dataclasses.astuple(model_cfg))
     if shard in ("optimizer", "full"):
         optimizer_state //= world_size
     if shard == "full":
