@@ -15,7 +15,7 @@ from greenrun.train import fp8, memory, optimizer
 from greenrun.train.model import GPT, ModelConfig, preset
 from greenrun.train.optimizer import OPTIMIZERS, Lion, MuonWithAdamW, OptimizerConfig
 from tests.common import straight_and_sliced
-from tests.test_resume import STEPS, assert_same_run
+from tests.test_resume import STEPS
 from tests.test_resume import losses as run_losses
 
 CPU = torch.device("cpu")
@@ -123,14 +123,6 @@ def test_state_dict_round_trip_continues_bit_identically(name):
     assert train(resumed, opt2, 3, lr=cfg.lr, first=3) == train(net, opt, 3, lr=cfg.lr, first=3)
     for a, b in zip(net.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-@pytest.mark.slow
-def test_muon_through_the_cli_resumes_bit_exactly(tiny, tmp_path):
-    """The two-part optimizer through the trainer's lr setting, checkpoint staging and resume."""
-    assert_same_run(
-        *straight_and_sliced([*tiny, *STEPS, "optimizer=muon", "optimizer.muon_lr_scale=2"], tmp_path)
-    )
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from greenrun.ckpt import checkpoint
-from tests.common import TINY, run_cli
+from tests.common import TINY, run_cli, straight_and_sliced
 
 STEPS = ["trainer.max_steps=20", "trainer.log_interval=1", "trainer.eval_interval=5", "preflight=false"]
 
@@ -76,3 +76,24 @@ def test_resume_refuses_math_changes_unless_opted_in(tiny, tmp_path):
     r = run_cli("resume", str(run_dir), "trainer.max_steps=8", "allow_config_change=true")
     assert r.returncode == 0, r.stderr
     assert max(losses(run_dir)) == 8
+
+
+def test_every_lever_at_once_resumes_bit_exact(straight, tiny, tmp_path):
+    """Muon (two optimizers in one, per-group lr scale), wsd, the seqlen curriculum crossing a rung change on
+    each side of the resume, early stopping counting, the non-finite guard in skip mode: 20 straight steps
+    equal 10 + resume + 10, and they are not the default run's steps."""
+    levers = [
+        "optimizer=muon",
+        "optimizer.muon_lr_scale=2",
+        "schedule=wsd",
+        "curriculum=seqlen",
+        "curriculum.start_len=8",
+        "curriculum.bucket=8",
+        "curriculum.ramp_steps=16",
+        "early_stopping=on",
+        "early_stopping.patience=10",
+        "trainer.on_nonfinite=skip",
+    ]
+    a, b = straight_and_sliced([*tiny, *STEPS, *levers], tmp_path)
+    assert_same_run(a, b)
+    assert losses(a)[3] != losses(straight)[3]  # the levers really changed the training
