@@ -132,10 +132,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.cfg.trainer
         lr = lr_at(self.step, self.cfg.schedule, self.cfg.optimizer.lr, t.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get(
-                "lr_scale", 1.0
-            )  # an optimizer's groups may run at a multiple (muon)
+        for group in self.optimizer.param_groups:  # a group may run at a multiple of the schedule (muon)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.train_model.train()
         if self.cuda_graphs:
             # A graph replays into memory it owns, so a .grad that autograd took over from a graph's output
