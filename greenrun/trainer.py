@@ -126,10 +126,23 @@ class Trainer:
         self.stopper = early_stopping.build(cfg.early_stopping)
         self.early_stop: early_stopping.Decision | None = None  # the decision that ended this process's loop
         self.guard = early_stopping.NonFiniteGuard(t.on_nonfinite)
+        # Fused Adam/AdamW skip a flagged update inside their kernel (the `found_inf` a GradScaler also uses),
+        # so the non-finite check needs no host sync per step. Others, and fp16's scaler, check on the host.
+        self.skips_on_device = (
+            isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW)
+            and all(g.get("fused") for g in self.optimizer.param_groups)
+            and not self.scaler.is_enabled()
+        )
 
     # --- one optimizer step ---------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, sync: bool = True) -> dict[str, float]:
+        """One optimizer step: {"lr"}, and with `sync` {"loss", "grad_norm"} too (read from the device).
+
+        Where the optimizer drops a non-finite update on the device (skips_on_device), a step without `sync`
+        never waits for the GPU: the host queues the next step while this one runs. The loop syncs only on
+        the steps it logs; every checkpoint settles the pending checks first (state_dict).
+        """
         t = self.cfg.trainer
         lr = lr_at(self.step, self.cfg.schedule, self.cfg.optimizer.lr, t.max_steps)
         for group in self.optimizer.param_groups:  # a group may run at a multiple of the schedule (muon)
@@ -146,8 +159,8 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             x, y = self._batch("train", self.step, micro)
             last = micro == t.grad_accum_steps - 1
-            sync = last or not isinstance(self.train_model, DistributedDataParallel)
-            ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            sync_grads = last or not isinstance(self.train_model, DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync_grads else self.train_model.no_sync()
             with ctx:
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -160,15 +173,22 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
         )
-        # The step's one device-to-host sync, before the update: a non-finite step never reaches the weights.
-        apply, loss_value, norm_value = self.guard.check(
-            self.step + 1, total, grad_norm, check_norm=not self.scaler.is_enabled()
-        )
-        if apply:
-            self.scaler.step(self.optimizer)
+        check_norm = not self.scaler.is_enabled()
+        if self.skips_on_device:
+            self.optimizer.found_inf = self.guard.watch(
+                self.step + 1, total, grad_norm, check_norm=check_norm
+            )
+            self.optimizer.step()
+        else:  # the step's one device-to-host sync, before the update: a non-finite step never reaches the weights
+            apply, _, _ = self.guard.check(self.step + 1, total, grad_norm, check_norm=check_norm)
+            if apply:
+                self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
         self.step += 1  # a skipped step too: batches follow the step, so retrying it would fail again
+        if not sync:
+            return {"lr": lr}
+        loss_value, norm_value, _ = self.guard.settle()
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     def _batch(self, split: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +234,10 @@ class Trainer:
         window_j = 0.0
         with PreemptionWatcher(self.cfg.spot, on_abort=log.warning) as watcher:
             while self.step < stop_at:
+                upcoming = self.step + 1
+                logged = upcoming % t.log_interval == 0 or upcoming % t.eval_interval == 0
                 with self.profiler.step(self.step):
-                    stats = self.train_step()
+                    stats = self.train_step(sync=logged or upcoming in (stop_at, t.max_steps))
                 if self.step == start_step + 1 and self.checkpointer.writer:
                     self._reserve_staging()  # once the optimizer state exists: no save pays the allocation
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
@@ -322,6 +344,7 @@ class Trainer:
     # --- state --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self.guard.settle()  # every step up to now decided: its counts are saved, and `stop` raises first
         rng = {"cpu": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

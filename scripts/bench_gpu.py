@@ -31,8 +31,8 @@ BASE = ["precision=bf16", "trainer.compile=true"]
 NOBIAS = BASE + ["model.bias=false"]
 
 
-def gr(micro: int, *over: str, before: bool = False) -> dict:
-    return {"kind": "gr_before" if before else "gr", "micro": micro, "over": list(over)}
+def gr(micro: int, *over: str, before: bool = False, sync: bool = False) -> dict:
+    return {"kind": "gr_before" if before else "gr", "micro": micro, "over": list(over), "sync": sync}
 
 
 ROWS: dict[str, dict] = {
@@ -58,9 +58,18 @@ ROWS: dict[str, dict] = {
     "gr_nobias_fp8head_mb64": gr(64, "precision=fp8", "precision.fp8.lm_head=true", "model.bias=false"),
     "gr_nobias_autotune_mb16": gr(16, *NOBIAS, "trainer.compile_mode=max-autotune-no-cudagraphs"),
     "profile_nobias_mb16": {"kind": "profile", "micro": 16, "over": NOBIAS},
+    "profile_mb64": {"kind": "profile", "micro": 64, "over": BASE},
+    "gr_sync_mb16": gr(16, *BASE, sync=True),
+    "gr_sync_mb64": gr(64, *BASE, sync=True),
+    "gr_fp8head_mb64": gr(64, "precision=fp8", "precision.fp8.lm_head=true"),
+    "gr_chunk_mb128": gr(128, *BASE, "model.loss_chunk=8192"),
+    "ref_liger_mb128": {"kind": "ref", "micro": 128, "bias": True, "loss": "liger"},
+    "gr_autotune_mb16": gr(16, *BASE, "trainer.compile_mode=max-autotune-no-cudagraphs"),
 }
 for mb in (8, 24, 32, 48, 96):
     ROWS[f"gr_nobias_mb{mb}"] = gr(mb, *NOBIAS)
+for mb in (8, 32, 128):
+    ROWS[f"gr_mb{mb}"] = gr(mb, *BASE)
 CURVES = {  # name -> (overrides, steps): the loss at a fixed token budget (32,768 tokens per step)
     "curve_bias": (BASE, 200),
     "curve_nobias": (NOBIAS, 200),
@@ -86,6 +95,24 @@ GROUPS = {
         "profile_nobias_mb16",
     ],  # fmt: skip
     "before": ["gr_before_mb16", "gr_before_mb64"],
+    # Issue 10's closing call: the step without a host sync, the recipe rows, the micro-batch curve, the
+    # fused-loss options at micro-batch 128, the CUDA-graph gradient check; max-autotune last (slow to compile).
+    "closing": [
+        "hf_compile_mb16",
+        "ref_mb16",
+        "gr_mb16",
+        "gr_sync_mb16",
+        "ref_mb64",
+        "gr_mb64",
+        "gr_fp8head_mb64",
+        "gr_mb32",
+        "gr_mb128",
+        "gr_chunk_mb128",
+        "ref_liger_mb128",
+        "graphs_check",
+        "gr_mb8",
+        "gr_autotune_mb16",
+    ],  # fmt: skip
     "quality": ["graphs_check", *CURVES, "gr_nobias_mb8"],
     "final": [
         "ref_nobias_mb16",
@@ -200,7 +227,10 @@ def trainer_for(overrides: list[str], micro: int, accum: int):
 
 def run_gr(row: dict, accum: int) -> dict:
     trainer = trainer_for(row["over"], row["micro"], accum)
-    out = timed(trainer.train_step, trainer.tokens_per_step, gpt2_flops())
+    # As the loop runs a step it does not log: no host sync (row "sync": every step read back, the old way).
+    step = trainer.train_step if row.get("sync") else lambda: trainer.train_step(sync=False)
+    out = timed(step, trainer.tokens_per_step, gpt2_flops())
+    out["skips_on_device"] = trainer.skips_on_device
     out["params"] = sum(p.numel() for p in trainer.model.parameters())
     out["fp8_layers"] = len(trainer.prepared)
     trainer.close()

@@ -179,6 +179,56 @@ def test_an_inf_gradient_stops_fp32_but_is_skipped_by_fp16s_scaler(tiny, tmp_pat
         trainer.close()
 
 
+def _deferred(tiny, run_dir, *extra):
+    trainer = _trainer(tiny, run_dir, "optimizer.fused=true", *extra)  # the fused kernel runs on a CPU too
+    assert trainer.skips_on_device
+    return trainer
+
+
+def test_on_the_device_a_dropped_update_equals_one_the_host_skipped(tiny, tmp_path):
+    """found_inf in fused AdamW's kernel, read at the end, leaves what a host-side skip leaves, bit for bit."""
+    states = []
+    for name, on_device in (("host", False), ("device", True)):
+        trainer = _deferred(tiny, tmp_path / name, "trainer.on_nonfinite=skip")
+        trainer.skips_on_device = on_device
+        try:
+            _poison(trainer, at_step=3)
+            quiet = [trainer.train_step(sync=False) for _ in range(5)]
+            assert all("loss" not in s for s in quiet)
+            assert trainer.guard.skipped == (0 if on_device else 1)  # on the device: not read yet
+            last = trainer.train_step()
+            assert last["loss"] == last["loss"] and trainer.guard.skipped == 1
+            states.append((_params(trainer), trainer.optimizer.state_dict()["state"]))
+        finally:
+            trainer.close()
+    (host, host_moments), (device, device_moments) = states
+    assert all(torch.equal(host[k], device[k]) for k in host)
+    for k, s in host_moments.items():
+        assert all(torch.equal(t, device_moments[k][n]) for n, t in s.items())  # step counts included
+
+
+def test_on_the_device_stop_raises_at_the_next_log_line_and_no_checkpoint_holds_it(tiny, tmp_path):
+    trainer = _deferred(tiny, tmp_path, "trainer.log_interval=5", "trainer.eval_interval=100")
+    try:
+        _poison(trainer, at_step=2)
+        with pytest.raises(NonFiniteError, match=r"step 2: loss nan.*stopped 3 step\(s\) later"):
+            trainer.train()
+        assert trainer.step == 5
+    finally:
+        trainer.close()
+    assert checkpoint.committed(tmp_path / "checkpoints") == []
+
+
+def test_a_checkpoint_settles_the_pending_checks_first(tiny, tmp_path):
+    trainer = _deferred(tiny, tmp_path, "trainer.on_nonfinite=skip")
+    try:
+        _poison(trainer, at_step=1)
+        trainer.train_step(sync=False), trainer.train_step(sync=False)
+        assert trainer.state_dict()["trainer"]["nonfinite"] == {"skipped": 1, "in_a_row": 0}
+    finally:
+        trainer.close()
+
+
 # --- through the CLI ----------------------------------------------------------------------------------------
 
 RUN = ["trainer.max_steps=10", "trainer.log_interval=1", "schedule.warmup_steps=0", "preflight=false"]

@@ -189,32 +189,71 @@ class NonFiniteError(FloatingPointError):
 
 
 class NonFiniteGuard:
-    """Decides, before the optimizer step, whether the step's update is applied (trainer.on_nonfinite)."""
+    """Decides whether each step's update is applied (trainer.on_nonfinite), checked before the update.
+
+    Two ways to use it. check() reads the step's loss and gradient norm on the host at once: the step's one
+    device-to-host sync, and the caller applies the update or not. watch() instead returns a device flag that
+    an optimizer able to skip on the device consumes (fused Adam/AdamW's `found_inf`: the kernel drops a
+    flagged update, and its step count with it), and settle() reads every watched step later in one sync, at
+    the next log line or checkpoint: the host never waits for the GPU between steps. Either way a non-finite
+    update never reaches the weights, and the counts and `stop` come out the same, `stop` a few steps later.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.skipped = 0  # steps whose update was dropped, in the whole run (resumes with the checkpoint)
         self.in_a_row = 0
+        self._pending: list[
+            tuple[int, torch.Tensor, bool]
+        ] = []  # (step, [loss, norm] on the device, check_norm)
+        self._last = (math.nan, math.nan, True)  # the newest settled step: loss, grad norm, applied
+
+    def watch(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, *, check_norm: bool = True
+    ) -> torch.Tensor:
+        """Queue optimizer step `step`'s check (1-based, as metrics.jsonl); 1.0 on the device = drop its update.
+
+        Both numbers are the mean over ranks, and a mean is non-finite on every rank as soon as one rank's
+        value is: all ranks drop the same steps, with no second collective. `check_norm=False` under a loss
+        scaler (fp16): an inf gradient there is the scaler's to handle, by skipping the step and lowering its
+        scale, and is no failure.
+        """
+        values = distributed.mean(torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+        self._pending.append((step, values, check_norm))
+        finite = torch.isfinite(values).all() if check_norm else torch.isfinite(values[0])
+        return (~finite).float()
+
+    def settle(self) -> tuple[float, float, bool]:
+        """Read every watched step in one sync and decide them in order: (loss, grad norm, applied) of the last."""
+        if not self._pending:
+            return self._last
+        pending, self._pending = self._pending, []
+        rows = torch.stack([values for _, values, _ in pending]).tolist()
+        newest = pending[-1][0]
+        for (step, _, check_norm), (loss, norm) in zip(pending, rows, strict=True):
+            applied = math.isfinite(loss) and (math.isfinite(norm) or not check_norm)
+            if not applied:
+                self._drop(step, loss, norm, later=newest - step)
+            else:
+                self.in_a_row = 0
+            self._last = (loss, norm, applied)
+        return self._last
 
     def check(
         self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, *, check_norm: bool = True
     ) -> tuple[bool, float, float]:
-        """(apply the update, mean loss, grad norm) for optimizer step `step` (1-based, as metrics.jsonl).
+        """(apply the update, mean loss, grad norm) for optimizer step `step`, read now: one sync."""
+        self.watch(step, loss, grad_norm, check_norm=check_norm)
+        loss_value, norm_value, applied = self.settle()
+        return applied, loss_value, norm_value
 
-        The step's one device-to-host sync. It is the mean over ranks of both numbers, and a mean is non-finite
-        on every rank as soon as one rank's value is: all ranks take the same branch, with no second
-        collective. `check_norm=False` under a loss scaler (fp16): an inf gradient there is the scaler's to
-        handle, by skipping the step and lowering its scale, and is no failure.
-        """
-        loss_value, norm_value = distributed.mean(torch.stack([loss.float(), grad_norm.float()])).tolist()
-        if math.isfinite(loss_value) and (math.isfinite(norm_value) or not check_norm):
-            self.in_a_row = 0
-            return True, loss_value, norm_value
-        what = f"step {step}: loss {loss_value}, gradient norm {norm_value}"
+    def _drop(self, step: int, loss: float, norm: float, *, later: int) -> None:
+        what = f"step {step}: loss {loss}, gradient norm {norm}"
         if self.mode == "stop":
+            when = f"stopped {later} step(s) later, at the next check" if later else "stopped"
             raise NonFiniteError(
-                f"{what}: stopped before this step's update, so no checkpoint holds it. {_ADVICE}; "
-                "trainer.on_nonfinite=skip drops such steps and trains on"
+                f"{what}: its update was dropped and the run {when}, so no checkpoint holds a non-finite step. "
+                f"{_ADVICE}; trainer.on_nonfinite=skip drops such steps and trains on"
             )
         self.skipped += 1
         self.in_a_row += 1
@@ -224,9 +263,9 @@ class NonFiniteGuard:
                 f"the learning rate are broken: stopped. {_ADVICE}"
             )
         log.warning(f"{what}: skipped its update ({self.skipped} step(s) skipped in this run so far)")
-        return False, loss_value, norm_value
 
     def state_dict(self) -> dict[str, int]:
+        """The counts up to the newest settled step: settle() before saving, so none is still pending."""
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
