@@ -59,6 +59,7 @@ ROWS: dict[str, dict] = {
     "gr_nobias_autotune_mb16": gr(16, *NOBIAS, "trainer.compile_mode=max-autotune-no-cudagraphs"),
     "profile_nobias_mb16": {"kind": "profile", "micro": 16, "over": NOBIAS},
     "profile_mb64": {"kind": "profile", "micro": 64, "over": BASE},
+    "profile_ref_mb64": {"kind": "profile", "micro": 64, "ref": True},
     "gr_sync_mb16": gr(16, *BASE, sync=True),
     "gr_sync_mb64": gr(64, *BASE, sync=True),
     "gr_fp8head_mb64": gr(64, "precision=fp8", "precision.fp8.lm_head=true"),
@@ -95,6 +96,7 @@ GROUPS = {
         "profile_nobias_mb16",
     ],  # fmt: skip
     "before": ["gr_before_mb16", "gr_before_mb64"],
+    "profile": ["profile_mb64", "profile_ref_mb64"],
     # Issue 10's closing call: the step without a host sync, the recipe rows, the micro-batch curve, the
     # fused-loss options at micro-batch 128, the CUDA-graph gradient check; max-autotune last (slow to compile).
     "closing": [
@@ -241,20 +243,26 @@ def run_profile(row: dict, accum: int) -> dict:
     """Where one optimizer step's GPU time goes: the top kernels, and the busy share of the wall time."""
     import torch
 
-    trainer = trainer_for(row["over"], row["micro"], accum)
+    if row.get("ref"):
+        sys.path.insert(0, str(REPO / "scripts"))
+        import ref_gpt2
+
+        step, _ = ref_gpt2.make_step(row["micro"], accum, SEQ)
+    else:
+        trainer = trainer_for(row["over"], row["micro"], accum)
+        step = lambda: trainer.train_step(sync=False)  # noqa: E731
     for _ in range(WARMUP):
-        trainer.train_step()
+        step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        trainer.train_step()
+        step()
         torch.cuda.synchronize()
     wall_ms = 1000 * (time.perf_counter() - t0)
     events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
     busy = sum(e.device_time_total for e in events) / 1000
-    top = [{"name": e.key[:100], "ms": e.device_time_total / 1000, "share": e.device_time_total / 1000 / busy}
-           for e in events[:25]]  # fmt: skip
-    trainer.close()
+    top = [{"name": e.key[:160], "ms": e.device_time_total / 1000, "calls": e.count}
+           for e in events[:40]]  # fmt: skip
     return {"gpu_busy_ms": busy, "wall_ms": wall_ms, "top_kernels": top}
 
 

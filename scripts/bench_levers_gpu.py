@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--budget-s", type=float, default=500)
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
+    ap.add_argument("--target", type=float, help="a target from an earlier call's baseline (else its own)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -165,6 +166,8 @@ def main() -> None:
     common = [*BASE, f"trainer.max_steps={steps}", f"schedule.warmup_steps={steps // 10}",
               f"trainer.eval_interval={EVAL_EVERY}"]  # fmt: skip
     result = {"steps": steps, "tokens_per_step": 65536, "eval_every": EVAL_EVERY, "rows": {}}
+    if args.target:
+        result["target_val_loss"] = args.target
     t_start = time.perf_counter()
     for name in args.rows:
         left = args.budget_s - (time.perf_counter() - t_start)

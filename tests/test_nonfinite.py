@@ -269,3 +269,21 @@ def test_on_nonfinite_is_validated():
         config.ConfigError, match="trainer.on_nonfinite: unknown value 'skpi'.*did you mean skip"
     ):
         config.validate(config.apply_overrides(config.Config(), ["trainer.on_nonfinite=skpi"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_fused_adamw_drops_the_update_without_a_host_sync(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, "trainer.device=cuda", "trainer.on_nonfinite=skip", "precision=bf16")
+    try:
+        assert trainer.skips_on_device  # fused is the default on CUDA
+        _poison(trainer, at_step=3)
+        trainer.train_step(sync=False), trainer.train_step(sync=False)
+        before = _params(trainer)
+        trainer.train_step(sync=False)
+        assert all(torch.equal(before[k], v) for k, v in _params(trainer).items())
+        assert trainer.guard.skipped == 0  # not read yet
+        last = trainer.train_step()
+        assert trainer.guard.skipped == 1 and last["loss"] == last["loss"]
+    finally:
+        trainer.close()
