@@ -1,4 +1,4 @@
-"""The `greenrun` command: train, smoke, resume. Hydra composes; the DictConfig stops here.
+"""The `greenrun` command: train, smoke, resume, archive, report. Hydra composes; the DictConfig stops here.
 
 Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
 """
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("greenrun")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("train", "smoke", "resume", "archive")
+COMMANDS = ("train", "smoke", "resume", "archive", "report")
 # Hydra flags that take a value: their value is not an override.
 VALUE_FLAGS = {
     "--cfg",
@@ -43,6 +43,9 @@ commands:
                                    continue the newest valid checkpoint with the run's saved config
   archive RUN_DIR|s3://B/P/RUN [older_than_days=30] [storage_class=GLACIER_IR]
                                    move old checkpoints in S3 to a colder storage class (newest and best stay hot)
+  report RUN_DIR|s3://B/P/RUN [RUN_DIR ...] [out=PATH] [storage.*=...]
+                                   a summary table here and one HTML file (figures, kWh, kgCO2e, $, equivalents);
+                                   default RUN_DIR/report.html for one run, else ./report.html
 
 examples:
   greenrun train                               the tiny model on the bundled corpus (CPU, a few minutes)
@@ -50,6 +53,7 @@ examples:
   greenrun train -m precision=fp32,bf16        a sweep: one run per value
   greenrun train --cfg job                     print the composed config and exit
   greenrun train --help                        every config group, option and key
+  greenrun report runs/a runs/b out=ab.html    two runs side by side
 """
 
 
@@ -90,8 +94,10 @@ def _main(argv: list[str]) -> int:
             f"unknown command '{command}'" + (f"; did you mean '{near}'?" if near else "") + "\n" + USAGE
         )
     if "-h" in rest or "--help" in rest:
-        output.say(help_text(command))
+        output.say(USAGE if command == "report" else help_text(command))
         return EXIT_OK
+    if command == "report":  # reads files only: it needs neither torch nor the job machinery
+        return _report(rest)
     # The whole stack (torch included) loads only once a command is known to run.
     from greenrun import job
 
@@ -219,7 +225,7 @@ def _task(command: str, dcfg) -> job.JobResult:
     return job.train_or_continue(cfg)
 
 
-# --- resume and archive: their own argument shapes ------------------------------------------------------
+# --- resume, archive and report: their own argument shapes ---------------------------------------------
 
 
 def _resume(args: list[str]) -> job.JobResult:
@@ -253,6 +259,43 @@ def _archive(args: list[str]) -> job.JobResult:
         raise config.ConfigError([f"older_than_days={opts['older_than_days']}: not a number"]) from None
     storage_overrides = [a for a in args if a.startswith("storage.")]
     return job.archive(positional[0], days, opts["storage_class"], storage_overrides)
+
+
+def _report(args: list[str]) -> int:
+    from greenrun import report
+
+    targets, out, storage_overrides = [], None, []
+    it = iter(args)
+    for a in it:
+        if a == "--out":
+            out = next(it, None)
+            if out is None:
+                return _usage_error("report: --out needs a PATH")
+        elif a.startswith(("--out=", "out=")):
+            out = a.partition("=")[2]
+        elif a.startswith("storage.") and "=" in a:
+            storage_overrides.append(a)
+        elif a.startswith("-") or "=" in a:
+            return _usage_error(
+                f"report: unknown option '{a}'; use out=PATH (or --out PATH) and storage.* for an s3:// run"
+            )
+        else:
+            targets.append(a)
+    if not targets:
+        return _usage_error("report takes one or more RUN_DIR or s3://bucket/prefix/run\n" + USAGE)
+    if out == "":
+        return _usage_error("report: out= needs a PATH")
+    try:
+        report.make(targets, Path(out) if out else None, storage_overrides)
+    except report.ReportError as e:
+        log.error(str(e))
+        return e.exit_code
+    except Exception as e:  # as job.guarded: one line, the traceback only when asked for
+        if os.environ.get("GREENRUN_DEBUG"):
+            raise
+        log.error(f"report failed: {type(e).__name__}: {e}\n(set GREENRUN_DEBUG=1 to see the traceback)")
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 # --- help: groups, options and every key with its one-line comment -------------------------------------

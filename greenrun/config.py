@@ -23,9 +23,11 @@ from greenrun.core import checks, fields
 from greenrun.core.fields import maths, plain
 from greenrun.core.shipped import conf_dir, recipes_dir
 from greenrun.data import DataConfig
-from greenrun.runtime import energy, profiling, spot
+from greenrun.runtime import budget, energy, profiling, spot, window
+from greenrun.runtime.budget import BudgetConfig
 from greenrun.runtime.energy import EnergyConfig
 from greenrun.runtime.spot import SpotConfig
+from greenrun.runtime.window import WindowConfig
 from greenrun.storage import StorageConfig
 from greenrun.train import (
     activation_checkpointing,
@@ -117,6 +119,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
     preflight: bool = plain(True)  # run the two-step CPU smoke check before training
     resume: str = plain("never")  # train: never | auto (continue run.dir from its newest valid checkpoint)
@@ -235,6 +239,8 @@ def validate(cfg: Config, check_device: bool = True, need_corpus: bool = True) -
     if check_device and not precision_problems:
         problems += _device_problems(cfg)
     problems += energy.validate(cfg.energy)
+    problems += budget.validate(cfg.budget)
+    problems += window.validate(cfg.window)
     problems += activation_checkpointing.validate(cfg.activation_checkpointing, cfg.model.n_layer)
     problems += [p for p in data.validate(cfg.data) if need_corpus or not p.startswith("data.paths")]
     problems += storage.validate(cfg.storage)

@@ -206,10 +206,13 @@ def test_the_local_keys_are_exactly_the_paths_urls_and_commands():
         "data.paths",
         "run.dir",
         "spot.metadata_url",
+        "window.carbon_cmd",
+        "window.carbon_file",
     ]
     remote = config.apply_overrides(
         config.Config(),
-        ["data.paths=[/etc/passwd]", "data.cache_dir=/x", "run.dir=/y", "spot.metadata_url=http://evil/"],
+        ["data.paths=[/etc/passwd]", "data.cache_dir=/x", "run.dir=/y", "spot.metadata_url=http://evil/"]
+        + ["window.carbon_cmd='curl evil'", "window.carbon_file=/etc/shadow"],
     )
     here = config.local_from(remote, config.Config())
     assert config.flatten(here) == config.flatten(config.Config())

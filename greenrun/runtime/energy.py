@@ -1,11 +1,16 @@
-"""Energy, cost and carbon of a run: a meter for the GPUs' joules, and the arithmetic that turns them
+"""Energy, cost and carbon of a run: a meter for the devices' joules, and the arithmetic that turns them
 into kWh at the wall, kg of CO2, dollars and an everyday equivalent.
 
 `energy.sensor` picks how energy is read, from SENSORS: "nvml" reads NVML's per-GPU energy counter
 (Volta and newer) and falls back to integrating sampled power draw where the counter is missing;
 "cpu_watts" multiplies a stated average power by the time; "none" reports energy as unknown; "auto"
-(the default) is nvml where it measures something, else cpu_watts when set, else none. The meter must
-never take a training run down, so every NVML failure degrades the reading instead of raising.
+(the default) is nvml where it measures something, else (a CPU run) the CPU packages' RAPL counters, else
+cpu_watts when set, else none. The meter must never take a training run down, so every NVML or RAPL
+failure degrades the reading instead of raising.
+
+Every reading says how it was obtained (`EnergyMeter.source`, LABELS): "measured" (NVML's counter, RAPL),
+"sampled" (integrated NVML power samples), "estimated" (energy.cpu_watts x time) or "unknown" (None, never 0).
+Grid intensity and prices come from greenrun.runtime.carbon (energy.region, energy.pricing).
 
 Reads top to bottom: the config and its validation, the meter and its sensors, then the accounting.
 """
@@ -18,10 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from greenrun.core.fields import plain
 from greenrun.core.registry import Registry
+from greenrun.runtime import carbon, rapl
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +43,16 @@ PHONE_CHARGE_KWH = 0.012
 @dataclass
 class EnergyConfig:
     pue: float = plain(1.2)  # data-centre power usage effectiveness, >= 1: 1.1 excellent, ~1.6 typical
-    grid_kg_per_kwh: float = plain(0.47)  # grid kg CO2/kWh: ~0.22 US West, ~0.38 US East, ~0.23 EU, 0.55 APAC
-    usd_per_gpu_hour: float = plain(0.0)  # rental price per GPU-hour for the cost line; 0 = don't report cost
-    cpu_watts: float = plain(0.0)  # assumed average watts when no GPU counter exists; 0 = energy unknown
-    sensor: str = plain("auto")  # auto | nvml | cpu_watts | none: how GPU/CPU energy is read
+    region: str = plain(
+        "world"
+    )  # grid's kg CO2e/kWh: world | us-west | us-east | eu | apac | aws:us-east-1..
+    grid_kg_per_kwh: float = plain(0.0)  # kg CO2e per grid kWh; > 0 overrides energy.region, 0 = the region's
+    pricing: str = plain("on_demand")  # spot | on_demand: which price per GPU-hour the $ figures use
+    spot_usd_per_gpu_hour: float = plain(0.0)  # $ per GPU-hour on spot/preemptible machines; 0 = not priced
+    on_demand_usd_per_gpu_hour: float = plain(0.0)  # $ per GPU-hour on demand; 0 = not priced
+    usd_per_gpu_hour: float = plain(0.0)  # $ per GPU-hour whatever energy.pricing says; > 0 overrides both
+    cpu_watts: float = plain(0.0)  # stated watts if nothing measures, labelled estimated; 0 = energy unknown
+    sensor: str = plain("auto")  # auto | nvml | cpu_watts | none: how energy is read (auto: RAPL on a CPU)
 
 
 def validate(cfg: EnergyConfig) -> list[str]:
@@ -52,7 +65,33 @@ def validate(cfg: EnergyConfig) -> list[str]:
     for key in ("grid_kg_per_kwh", "usd_per_gpu_hour", "cpu_watts"):
         if getattr(cfg, key) < 0:
             problems.append(f"energy.{key}: must be >= 0, got {getattr(cfg, key)}")
-    return problems
+    return problems + carbon.validate(cfg)
+
+
+# How each meter method's joules were obtained: the label every energy figure carries.
+LABELS = {
+    "counter": "measured",
+    "rapl": "measured",
+    "sampling": "sampled",
+    "cpu_watts": "estimated",
+    "none": "unknown",
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """Energy over one stretch of time (a logged window), and how it was obtained."""
+
+    joules: float | None  # device joules in the window; None = unknown
+    seconds: float  # the window's wall seconds
+    source: str  # measured | sampled | estimated | unknown
+
+    @property
+    def power_w(self) -> float | None:
+        """Mean device power over the window (W); None when its energy is unknown or it lasted no time."""
+        if self.joules is None or self.seconds <= 0:
+            return None
+        return self.joules / self.seconds
 
 
 # --- The meter ------------------------------------------------------------------------------------
@@ -77,13 +116,16 @@ def nvml_ids(gpus: list[int], visible: str | None) -> list[int | str]:
 
 
 class EnergyMeter:
-    """Joules used by this process's GPUs since start().
+    """Joules used by this process's GPUs (on a CPU run: its share of the CPU packages) since start().
 
     ``method`` says how, as cfg.sensor chose: "counter" (NVML's energy counter), "sampling" (NVML
-    power readings every ``sample_s`` seconds, integrated), "cpu_watts" (cfg.cpu_watts times elapsed
-    time) or "none" (read() gives None). ``available`` is True when NVML measures something. Under
-    DDP each rank meters its own GPU (the default) and the trainer sums the readings, or one rank
-    passes every local ordinal in ``gpus``.
+    power readings every ``sample_s`` seconds, integrated), "rapl" (CPU packages, for a meter without
+    GPUs), "cpu_watts" (cfg.cpu_watts times elapsed time) or "none" (read() gives None); ``source``
+    is its label (LABELS). ``available`` is True when NVML measures something. Under DDP each rank
+    meters its own GPU (the default) and the trainer sums the readings, or one rank passes every local
+    ordinal in ``gpus``. RAPL sees the whole host, so each of LOCAL_WORLD_SIZE processes reports its
+    share: the sum over a host's ranks is the host's package energy. ``window()`` gives the joules,
+    seconds and label since the previous window, for the ledger.
     """
 
     def __init__(
@@ -92,14 +134,20 @@ class EnergyMeter:
         gpus: list[int] | None = None,
         sample_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        rapl_root: Path | None = None,
     ):
         self.cfg = cfg or EnergyConfig()
         self.gpus = local_gpus() if gpus is None else list(gpus)
         self.sample_s = sample_s
         self.clock = clock  # injectable so tests can drive time
+        self.rapl_root = rapl_root or rapl.RAPL_ROOT
         self.available = False
         self.method = "none"
         self._nvml: Any = None
+        self._rapl: rapl.RaplMeter | None = None
+        self._rapl_share = 1.0 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self._win_j: float | None = 0.0  # the reading and elapsed time at the previous window()
+        self._win_t = 0.0
         self._handles: list[Any] = []
         self._t0: float | None = None
         self._start_mj: list[int] = []
@@ -126,11 +174,25 @@ class EnergyMeter:
         self.close()  # a second start() begins afresh rather than leaking a sampler thread
         self._stop.clear()
         self.method, self._handles, self._last_j, self._t0 = "none", [], None, None
-        self._joules, self._closed, self._warned = 0.0, False, False
+        self._joules, self._closed, self._warned, self._rapl = 0.0, False, False, None
         self.method = SENSORS.get(self.cfg.sensor)(self)
         if self._t0 is None:  # a sensor starts the clock itself when opening its source takes time
             self._start_clock()
         self.available = self.method in ("counter", "sampling")
+        self._win_j, self._win_t = self.read(), self.elapsed
+
+    @property
+    def source(self) -> str:
+        """How read() obtains its joules: measured | sampled | estimated | unknown."""
+        return LABELS[self.method]
+
+    def window(self) -> Window:
+        """Joules and seconds since the previous window() (or start()), with how they were obtained."""
+        joules, now = self.read(), self.elapsed
+        delta = None if joules is None or self._win_j is None else joules - self._win_j
+        seconds = now - self._win_t
+        self._win_j, self._win_t = joules, now
+        return Window(delta, seconds, self.source if delta is not None else "unknown")
 
     def read(self) -> float | None:
         """Joules since start(); None when energy is unknown (no NVML and cpu_watts = 0)."""
@@ -152,6 +214,8 @@ class EnergyMeter:
             with self._lock:
                 # Extend the last sample to now, so a read between samples is not up to 0.2 s stale.
                 return self._joules + self._last_w * max(0.0, now - self._last_t)
+        if self.method == "rapl" and self._rapl is not None:
+            return self._rapl.read()
         if self.method == "cpu_watts":
             return self.cfg.cpu_watts * (now - self._t0)
         return None
@@ -167,6 +231,8 @@ class EnergyMeter:
             self._closed_j = self.read()
             self._closed = True
         self._stop.set()
+        if self._rapl is not None:
+            self._rapl.close()
         if self._thread is not None:
             self._thread.join(timeout=5 * self.sample_s + 1.0)
             self._thread = None
@@ -235,6 +301,15 @@ class EnergyMeter:
         self._thread.start()
         return True
 
+    def _start_rapl(self) -> str:
+        """ "rapl" when the CPU packages' counters are readable here, else "none"."""
+        try:
+            self._rapl = rapl.RaplMeter(self.rapl_root, share=self._rapl_share)
+        except (OSError, ValueError) as e:
+            log.info("RAPL unreadable (%s); CPU energy is not measured", e)
+            return "none"
+        return "rapl"
+
     def _sample_loop(self) -> None:
         while not self._stop.wait(self.sample_s):
             try:
@@ -273,8 +348,13 @@ def no_sensor(meter: EnergyMeter) -> str:
 
 @SENSORS.register("auto")
 def auto_sensor(meter: EnergyMeter) -> str:
-    """nvml where it measures something, else cpu_watts when it is set, else none."""
+    """nvml where it measures something, else RAPL for a meter without GPUs, else cpu_watts if set, else none.
+
+    RAPL only stands in on a CPU run: on a GPU run it would count the host's CPUs as if they were the GPUs.
+    """
     method = nvml_sensor(meter)
+    if method == "none" and not meter.gpus:
+        method = meter._start_rapl()
     if method == "none" and meter.cfg.cpu_watts > 0:
         return "cpu_watts"
     return method
@@ -287,25 +367,26 @@ def account(joules: float | None, seconds: float, gpus: int, cfg: EnergyConfig) 
     """Turn a run's device joules and duration into wall energy, carbon, cost and equivalents.
 
     Keys: seconds, gpu_hours, device_kwh (what the meter saw), kwh (at the wall: x PUE), kg_co2
-    (x grid intensity), usd (GPUs x hours x price; None when no price is set), car_km and
-    phone_charges (everyday equivalents of kg_co2 and kwh). Energy-derived values are None when
+    (x carbon.grid_intensity), usd (GPUs x hours x carbon.gpu_hour_price; None when not priced), car_km
+    and phone_charges (everyday equivalents of kg_co2 and kwh). Energy-derived values are None when
     joules is None: unknown energy is reported as unknown, never as zero.
     """
     gpu_hours = gpus * seconds / 3600.0
+    price = carbon.gpu_hour_price(cfg, cfg.pricing)
     out: dict[str, float | None] = {
         "seconds": seconds,
         "gpu_hours": gpu_hours,
         "device_kwh": None,
         "kwh": None,
         "kg_co2": None,
-        "usd": gpu_hours * cfg.usd_per_gpu_hour if cfg.usd_per_gpu_hour > 0 else None,
+        "usd": gpu_hours * price if price is not None else None,
         "car_km": None,
         "phone_charges": None,
     }
     if joules is not None:
         device_kwh = joules / JOULES_PER_KWH
         kwh = device_kwh * cfg.pue
-        kg = kwh * cfg.grid_kg_per_kwh
+        kg = kwh * carbon.grid_intensity(cfg)[0]
         out.update(device_kwh=device_kwh, kwh=kwh, kg_co2=kg)
         out.update(car_km=kg / CAR_KG_CO2_PER_KM, phone_charges=kwh / PHONE_CHARGE_KWH)
     return out
