@@ -1,4 +1,4 @@
-"""The `greenrun` command: train, smoke, resume, archive, report. Hydra composes; the DictConfig stops here.
+"""`greenrun train|smoke|plan|resume|archive|report`. Hydra composes; the DictConfig stops here.
 
 Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
 """
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 from greenrun.core import checks, output
 
 if TYPE_CHECKING:
-    from greenrun import job
+    from greenrun import config, job
 
 log = logging.getLogger("greenrun")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("train", "smoke", "resume", "archive", "report")
+COMMANDS = ("train", "smoke", "plan", "resume", "archive", "report")
 # Hydra flags that take a value: their value is not an override.
 VALUE_FLAGS = {
     "--cfg",
@@ -38,7 +38,10 @@ USAGE = """usage: greenrun COMMAND [overrides] [hydra flags]
 
 commands:
   train  [key=value ...]           compose the config, run the CPU preflight, train, checkpoint
-  smoke  [key=value ...]           the real config for two steps (a free GPU, else the CPU): PASS/FAIL and a memory estimate
+  smoke  [key=value ...]           the real config for two steps (a free GPU, else the CPU): PASS/FAIL, a memory
+                                   estimate, and the full run's projected GPU-hours, kWh, kgCO2e and $
+  plan   budget.dollars=N|budget.gpu_hours=N|budget.kgco2=N [key=value ...]
+                                   what one budget buys: the compute-optimal preset, its steps, the train command
   resume RUN_DIR|s3://B/P/RUN [key=value ...]
                                    continue the newest valid checkpoint with the run's saved config
   archive RUN_DIR|s3://B/P/RUN [older_than_days=30] [storage_class=GLACIER_IR]
@@ -54,6 +57,7 @@ examples:
   greenrun train --cfg job                     print the composed config and exit
   greenrun train --help                        every config group, option and key
   greenrun report runs/a runs/b out=ab.html    two runs side by side
+  greenrun plan budget.dollars=50 energy.usd_per_gpu_hour=2.5   what $50 trains at $2.50 per GPU-hour
 """
 
 
@@ -108,7 +112,7 @@ def _main(argv: list[str]) -> int:
     return _compose_and_run(command, rest)
 
 
-# --- train and smoke: through hydra.main, so --cfg, -m and friends behave as Hydra users expect -------
+# --- train, smoke and plan: through hydra.main, so --cfg, -m and friends behave as Hydra users expect -------
 
 
 def _overrides(args: list[str]) -> list[str]:
@@ -219,10 +223,34 @@ def _task(command: str, dcfg) -> job.JobResult:
         multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
         dcfg.run.dir = hydra_cfg.runtime.output_dir if multirun else str(dcfg.run.dir)
     cfg = config.to_typed(dcfg)
-    config.validate(cfg, check_device=command != "smoke")
+    # Only training needs this machine's device; a plan reads no corpus either.
+    config.validate(cfg, check_device=command == "train", need_corpus=command != "plan")
     if command == "smoke":
         return job.run_smoke(cfg)
+    if command == "plan":
+        # The user's overrides, repeated in the command the plan prints (hydra.searchpath: for their recipes).
+        searchpath = [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.searchpath=")]
+        return _plan(cfg, [*searchpath, *hydra_cfg.overrides.task])
     return job.train_or_continue(cfg)
+
+
+def _plan(cfg: config.Config, overrides: list[str]) -> job.JobResult:
+    """Exactly one of budget.dollars, budget.gpu_hours, budget.kgco2 > 0 -> greenrun.plan's lines."""
+    from greenrun import config, job, plan
+
+    kinds = [kind for kind in plan.BUDGETS if getattr(cfg.budget, kind) > 0]
+    if len(kinds) != 1:
+        keys = ", ".join(f"budget.{kind}" for kind in plan.BUDGETS)
+        given = " and ".join(f"budget.{kind}={getattr(cfg.budget, kind):g}" for kind in kinds) or "none"
+        problem = f"plan needs exactly one budget > 0, one of {keys} (got {given})"
+        raise config.ConfigError([problem + "; e.g. greenrun plan budget.dollars=50"])
+    budget = plan.Budget(kinds[0], getattr(cfg.budget, kinds[0]))
+    inputs, runs_dir = plan.inputs_from(cfg), plan.runs_dir_of(cfg)
+    result = plan.plan(
+        budget, inputs, cfg, overrides=overrides, runs_dir=runs_dir, pricing=cfg.energy.pricing
+    )
+    output.say("\n".join(plan.format_plan(result)))
+    return job.JobResult(job.Outcome.OK)
 
 
 # --- resume, archive and report: their own argument shapes ---------------------------------------------

@@ -38,6 +38,22 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, as data; [] when it is missing or unreadable."""
+    records = []
+    try:
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return records
+
+
 def _read_run(run_dir: Path) -> EarlierRun | None:
     try:
         # Plain data: safe_load builds no objects and resolves nothing, so `${oc.env:...}` stays a string.
@@ -53,17 +69,7 @@ def _read_run(run_dir: Path) -> EarlierRun | None:
     arch = values if sized else None
     shape = ModelConfig(**dict(zip(ARCH_FIELDS, values, strict=True))) if sized else None
     params = model.count_params(shape, non_embedding=False) if shape is not None else None
-    records = []
-    try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    except (OSError, UnicodeDecodeError):
-        pass
+    records = read_metrics(run_dir / "metrics.jsonl")
     mfus = [m for r in records if (m := _number(r.get("mfu"))) is not None]
     # The first window pays for compilation and warm-up; the median then discounts the windows that an
     # evaluation or a checkpoint slowed down.

@@ -199,6 +199,11 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
             trainer.final_export()
         if result["early_stop"]:
             log.info(f"stopped early at step {result['step']}: {result['early_stop']['reason']}")
+        if result["window_exit"]:  # a scheduler restarts it later, as after a preemption (exit 75)
+            log.info(
+                f"{result['window_exit']}: checkpointed at step {result['step']}; later: greenrun resume {run_dir}"
+            )
+            return JobResult(Outcome.PREEMPTED, run_dir=run_dir, summary=summary)
         if result["finished"]:
             reporter.summary(result, str(run_dir), sample)
         else:
@@ -212,7 +217,10 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
         trainer.close()
         # After a preemption the deadline leaves no time for housekeeping; the next start prunes.
         if remote is not None and not trainer.checkpointer.preempted:
-            remote.prune(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+            try:
+                remote.prune(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+            except storage.StorageError as e:  # housekeeping: the run's outcome stands, the next start prunes
+                log.warning(f"pruning old checkpoints in the bucket failed, left for the next start: {e}")
 
 
 def _preempted(result: dict[str, Any], run_dir: Path, is_main: bool, said: str) -> JobResult:

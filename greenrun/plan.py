@@ -6,8 +6,9 @@
   (Chinchilla: C = 6 N D with D = 20 N), the nearest shipped preset, its max_steps and the command that trains it,
   for `greenrun plan budget.dollars=...`.
 
-Prices, grid intensity, PUE, the GPU's watts and peak FLOP/s and the MFU arrive as plain values (Inputs), so
-nothing here reads the environment; earlier runs are read from a runs directory as plain data.
+Prices, grid intensity, PUE, the GPU's watts and peak FLOP/s and the MFU arrive as plain values (Inputs, which
+inputs_from() reads off a Config), so nothing here reads the environment; earlier runs are read from a runs
+directory as plain data.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from greenrun.config import Config, ConfigError
 from greenrun.core import shipped
 from greenrun.history import ARCH_FIELDS, EarlierRun, earlier_runs, measured_mfu
+from greenrun.runtime import carbon
 from greenrun.runtime.hardware import DENSE_BF16_FLOPS
 from greenrun.train import model, target
 
@@ -30,6 +32,9 @@ TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al. 2022): compute-optimal trai
 DEFAULT_GPU = "h100"  # what a projection assumes when smoke.target names no GPU of the table (auto, cpu, GiB)
 BUDGETS = ("dollars", "gpu_hours", "kgco2")  # budget.<kind>=amount
 PRICINGS = ("spot", "on_demand")
+DEFAULT_RUNS_DIR = Path("runs")  # where run directories go when run.dir names none (conf/config.yaml)
+# The keys that price a GPU-hour under one pricing ({pricing}: spot | on_demand), named where a price is missing.
+PRICE_KEYS = "energy.{pricing}_usd_per_gpu_hour or energy.usd_per_gpu_hour"
 
 # Board power (TDP) from the vendors' datasheets, watts; the SXM figure where a GPU comes as SXM and PCIe.
 # A projection assumes the GPU draws all of it for the whole run: an upper estimate of its energy.
@@ -93,14 +98,29 @@ class Inputs:
     on_demand_usd: float | None  # price of one on-demand GPU-hour; None = not priced
     mfu: float = ASSUMED_MFU  # model-FLOPs utilisation where no earlier run of the model has measured one
     mfu_source: str = "assumed"  # where `mfu` comes from
-    price_hint: str = (
-        "energy.usd_per_gpu_hour"  # the setting that prices a GPU-hour, named where one is missing
-    )
+    # The settings that price a GPU-hour, named where one is missing; "{pricing}" becomes spot or on_demand.
+    price_hint: str = "energy.usd_per_gpu_hour"
 
     def price(self, pricing: str) -> float | None:
         if pricing not in PRICINGS:
             raise ValueError(f"pricing: expected one of {', '.join(PRICINGS)}, got {pricing!r}")
         return self.spot_usd if pricing == "spot" else self.on_demand_usd
+
+    def hint(self, pricing: str) -> str:
+        return self.price_hint.replace("{pricing}", pricing)
+
+
+def inputs_from(cfg: Config) -> Inputs:
+    """The Inputs `cfg` states: smoke.target's GPU, energy.pue, carbon's grid intensity and both prices."""
+    gpu, why = target_gpu(str(cfg.smoke.target))
+    kg, source = carbon.grid_intensity(cfg.energy)
+    spot, on_demand = (carbon.gpu_hour_price(cfg.energy, p) for p in PRICINGS)
+    return Inputs(gpu, why, cfg.energy.pue, kg, source, spot, on_demand, price_hint=PRICE_KEYS)
+
+
+def runs_dir_of(cfg: Config) -> Path:
+    """Where the earlier runs of `cfg` live: the directory above run.dir (DEFAULT_RUNS_DIR if unset)."""
+    return Path(cfg.run.dir).parent if str(cfg.run.dir).strip() else DEFAULT_RUNS_DIR
 
 
 @dataclass(frozen=True)
@@ -195,8 +215,8 @@ def _gpus(n: int) -> str:
     return f"{n} GPU" if n == 1 else f"{n} GPUs"
 
 
-def _usd(value: float | None, inputs: Inputs) -> str:
-    return f"${value:,.2f}" if value is not None else f"not priced (set {inputs.price_hint})"
+def _usd(value: float | None, inputs: Inputs, pricing: str) -> str:
+    return f"${value:,.2f}" if value is not None else f"not priced (set {inputs.hint(pricing)})"
 
 
 def _cost_lines(c: Cost, inputs: Inputs, world_size: int) -> list[str]:
@@ -205,7 +225,8 @@ def _cost_lines(c: Cost, inputs: Inputs, world_size: int) -> list[str]:
         f"  energy: {c.kwh:.3g} kWh = GPU-hours x {inputs.gpu.watts:.0f} W (the GPU's TDP from a datasheet "
         f"table, assumed drawn throughout) x PUE {inputs.pue:g}",
         f"  carbon: {c.kg_co2e:.3g} kg CO2e = kWh x {inputs.grid_kg_per_kwh:g} kg/kWh ({inputs.grid_source})",
-        f"  cost: spot {_usd(c.spot_usd, inputs)}, on-demand {_usd(c.on_demand_usd, inputs)}",
+        f"  cost: spot {_usd(c.spot_usd, inputs, 'spot')}, on-demand "
+        f"{_usd(c.on_demand_usd, inputs, 'on_demand')}",
     ]
 
 
@@ -237,6 +258,12 @@ def format_projection(p: Projection) -> list[str]:
         _gpu_line(p.inputs, p.mfu, p.mfu_source) + "; GPU-hours = FLOPs / (peak x MFU x 3600)",
         *_cost_lines(p.cost, p.inputs, p.world_size),
     ]
+
+
+def projection_lines(cfg: Config, *, world_size: int = 1) -> list[str]:
+    """format_projection of `cfg`'s full run, its inputs read from `cfg` and its MFU from the runs beside it."""
+    inputs = inputs_from(cfg)
+    return format_projection(projection(cfg, inputs, world_size=world_size, runs_dir=runs_dir_of(cfg)))
 
 
 # --- plan: what a budget buys ---------------------------------------------------------------------------------
@@ -301,7 +328,7 @@ def budget_gpu_hours(budget: Budget, inputs: Inputs, pricing: str = "spot") -> f
     if budget.kind == "dollars":
         price = inputs.price(pricing)
         if not price:
-            raise ConfigError([f"{key}: the {pricing} GPU-hour is not priced (set {inputs.price_hint})"])
+            raise ConfigError([f"{key}: the {pricing} GPU-hour is not priced (set {inputs.hint(pricing)})"])
         return budget.amount / price
     if not inputs.grid_kg_per_kwh > 0 or not inputs.gpu.watts > 0:
         raise ConfigError(
@@ -392,7 +419,7 @@ def format_plan(p: Plan) -> list[str]:
     b, i = p.budget, p.inputs
     how = {
         "gpu_hours": "",
-        "dollars": f" at {_usd(i.price(p.pricing), i)} per {p.pricing} GPU-hour",
+        "dollars": f" at {_usd(i.price(p.pricing), i, p.pricing)} per {p.pricing} GPU-hour",
         "kgco2": f" at {i.grid_kg_per_kwh:g} kg/kWh ({i.grid_source}), "
         f"{i.gpu.watts:.0f} W TDP (assumed) x PUE {i.pue:g}",
     }[b.kind]

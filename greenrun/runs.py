@@ -2,7 +2,9 @@
 
 A run's key in the bucket is `<storage.prefix>/<run id>`, the run id being the run directory's name. At start the
 mirror gets config.yaml and the token cache (so a fresh machine with another Python still trains on the same
-tokens); every committed checkpoint follows through the background uploader. `greenrun resume s3://…` reverses it.
+tokens); every committed checkpoint follows through the background uploader, and after it (and once more when the
+uploader closes, after summary.json) metrics.jsonl and summary.json, next to config.yaml where
+`greenrun report s3://…` reads them. `greenrun resume s3://…` reverses it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from greenrun.ckpt.uploader import Uploader
 from greenrun.config import Config
 from greenrun.core import fs, lock
 from greenrun.core.fs import UnsafePath, atomic_write, refuse_symlink
+from greenrun.runtime.budget import UploadHealth
 from greenrun.storage import ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,42 @@ def start_mirror(remote: Remote | None, run_dir: Path, data_cache: Path, cfg: Co
         return None
     remote.put_run_file("config.yaml", run_dir / "config.yaml")
     remote.upload_data_cache(data_cache)
-    return Uploader(remote, Retention(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best))
+    return Uploader(
+        remote,
+        Retention(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
+        health=UploadHealth(cfg.storage.max_failed_uploads, cfg.storage.on_failed_uploads),
+        run_files=lambda cancel: mirror_run_files(remote, run_dir, cancel),
+    )
+
+
+# What the report reads besides config.yaml (greenrun.report.load: <run key>/<name>), as training writes them.
+RUN_FILES = ("metrics.jsonl", "summary.json")
+
+
+def mirror_run_files(remote: Remote, run_dir: Path, cancel: threading.Event | None = None) -> list[str]:
+    """Put the run's RUN_FILES that exist under its key in the bucket; returns the names sent.
+
+    Best-effort, never raises: a file that cannot be read or sent is logged and left for the next call (the next
+    checkpoint, or the end of the run). Each file goes up as one snapshot of its bytes; metrics.jsonl is cut after
+    its last complete line, since training may be appending one right now.
+    """
+    sent = []
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        key = f"{remote.run_key}/{name}"
+        try:
+            refuse_symlink(path)  # never send the file a planted link points at
+            if not path.is_file():
+                continue
+            body = path.read_bytes()
+            if name == "metrics.jsonl":
+                body = body[: body.rfind(b"\n") + 1]
+            remote.storage.put_bytes(key, body, cancel=cancel)
+        except Exception as e:  # the mirror must never fail training; StorageError names no credentials
+            log.warning(f"could not mirror {path} to {remote.storage.url(key)}: {e}")
+            continue
+        sent.append(name)
+    return sent
 
 
 # --- one writer per run directory --------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from greenrun import data, fit
+from greenrun import data, fit, plan
 from greenrun.ckpt import checkpoint, emergency
 from greenrun.config import Config
 from greenrun.core.output import Reporter
@@ -396,6 +396,9 @@ def print_result(result: SmokeResult, cfg: Config, reporter: Reporter) -> None:
             fit.print_fit(c, result.target, result.estimate.total, result.levers)
     # Whether a preemption's checkpoint reaches the bucket in time, at the upload speed measured now.
     c.print(emergency.estimate_line(cfg.storage, cfg.spot, result.params, Path(cfg.run.dir)), markup=False)
+    # The full run's FLOPs, GPU-hours, kWh, kg CO2e and $ on the target GPU (greenrun.plan): arithmetic only.
+    for line in plan.projection_lines(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1"))):
+        c.print(line, markup=False)
 
 
 def _ran(result: SmokeResult, cfg: Config) -> str:

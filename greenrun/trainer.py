@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from greenrun import data, runs
+from greenrun import accounting, data, runs
 from greenrun.ckpt import checkpoint, export
 from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.uploader import Uploader
@@ -107,6 +107,10 @@ class Trainer:
         )
         # Only a CUDA run has GPUs to meter; on a CPU, NVML has nothing to say about this process.
         self.energy = energy.EnergyMeter(cfg.energy, gpus=None if self.device.type == "cuda" else [])
+        gpus = self.dist.world_size if self.device.type == "cuda" else 0
+        self.accounts = accounting.Accounts(cfg, self.dist, self.energy, gpus=gpus)  # ledger, budgets, window
+        self.stopped_by = ""  # why a budget ended this process's loop ("" = it did not)
+        self.window_exit = ""  # why the training window sent this process away (window.outside=exit)
         self.profiler = profiling.Windows(
             t.profile_every if self.dist.is_main else 0,
             t.profile_steps,
@@ -231,9 +235,10 @@ class Trainer:
             self._evaluate_and_log({"step": 0, "tokens": 0})
         self.reporter.start(total=t.max_steps, completed=self.step)
         self.energy.start()
-        window_j = 0.0
+        if why := self.accounts.outside_window(force=True):
+            window_t = self._outside_window(why) or window_t
         with PreemptionWatcher(self.cfg.spot, on_abort=log.warning) as watcher:
-            while self.step < stop_at:
+            while self.step < stop_at and not self.window_exit:
                 upcoming = self.step + 1
                 logged = upcoming % t.log_interval == 0 or upcoming % t.eval_interval == 0
                 with self.profiler.step(self.step):
@@ -253,11 +258,11 @@ class Trainer:
                     if self.peak_flops:
                         record["mfu"] = record["tok_per_s"] * self.flops_per_token / self.peak_flops
                     joules = self.energy.read()
-                    if joules is not None:  # energy of this window over its tokens: J/token as it runs
-                        tokens = (self.step - window_step) * self.tokens_per_step
+                    if joules is not None:  # this process's joules so far, as the meter read them
                         record["joules"] = joules
-                        record["j_per_token"] = (joules - window_j) / max(tokens, 1)
-                        window_j = joules
+                    # The whole run's kWh, CO2e and $ into the record; a spent budget (action=stop) ends the run.
+                    tokens = (self.step - window_step) * self.tokens_per_step
+                    self.stopped_by = self.accounts.log_window(record, tokens) or self.stopped_by
                     window_t, window_step = now, self.step
                     if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                         self._evaluate_and_log(record)
@@ -267,6 +272,10 @@ class Trainer:
                 if distributed.any_flag(watcher.requested):
                     self.reporter.stop()
                     preempted = watcher.reason or "preemption signal"
+                    self.accounts.add_window(
+                        0
+                    )  # the energy up to the signal is the run's (the steps are not)
+                    self._log_event({"event": "preempt", "step": self.step, "reason": preempted})
                     log.warning(f"{preempted}: writing an emergency checkpoint at step {self.step}")
                     # A second signal or the watchdog aborts the uploads first: none may stay open.
                     watcher.on_abort = self.checkpointer.abort_emergency
@@ -278,6 +287,21 @@ class Trainer:
                     break
                 if self.early_stop is not None:  # decided at this step's evaluation, alike on every rank
                     break
+                upload_stop = (
+                    self.checkpointer.upload_stop
+                )  # storage.on_failed_uploads=stop, rank 0's uploader
+                if distributed.any_flag(upload_stop is not None):
+                    self.stopped_by = upload_stop or "checkpoint uploads are failing (rank 0's uploader)"
+                    self.upload_grace_s = 0.0  # the bucket is unreachable: the exit must not wait on it
+                if self.stopped_by:  # a spent budget or a dead bucket: the final checkpoint below, then exit
+                    log.warning(f"stopping at step {self.step}: {self.stopped_by}")
+                    break
+                if why := self.accounts.outside_window():
+                    if last or self.cfg.window.outside == "exit":
+                        self.window_exit = why  # the final checkpoint below, then exit 75
+                        break
+                    self.checkpointer.save(self.snapshot, wait=True)  # the work so far is safe first
+                    window_t = self._outside_window(why)
                 if not last:
                     self.checkpointer.maybe_save(self.step, self.snapshot)
         self.reporter.stop()
@@ -286,6 +310,7 @@ class Trainer:
             self.checkpointer.save(self.snapshot, wait=True)
         wall = time.perf_counter() - t0
         trained_tokens = (self.step - start_step) * self.tokens_per_step
+        self.accounts.add_window(0)  # the last window: the final save's energy
         joules = self.energy.read()
         self.energy.close()
         return {
@@ -297,6 +322,10 @@ class Trainer:
             "finished": self.step >= t.max_steps or self.early_stop is not None,
             # Why and where early stopping ended the run, with the best evaluation (None: it did not).
             "early_stop": dataclasses.asdict(self.early_stop) if self.early_stop is not None else None,
+            # The whole run's kWh, kgCO2e, $, GPU-hours and tokens, every process and the price of preemption.
+            "ledger": self.accounts.summary(),
+            "budget_stop": self.stopped_by,  # why a budget ended the run ("" = none did)
+            "window_exit": self.window_exit,  # why it left to wait outside its training window ("" = it did not)
             "skipped_steps": self.guard.skipped,  # steps whose non-finite update trainer.on_nonfinite=skip dropped
             "preempted": preempted,
             "first_val_loss": self.first_val,
@@ -313,6 +342,20 @@ class Trainer:
             "emergency_s": emergency.timings if preempted else {},
         }
 
+    def _outside_window(self, why: str) -> float | None:
+        """window.outside=wait: wait here for the window (the idle time is billed in the ledger); the new start
+        of the throughput window. With exit, the loop ends after its final checkpoint."""
+        if self.cfg.window.outside == "exit":
+            self.window_exit = why
+            return None
+        log.warning(f"{why}: waiting at step {self.step} (window.outside=wait)")
+        self.accounts.wait_for_window()
+        return time.perf_counter()
+
+    def _log_event(self, event: dict[str, Any]) -> None:
+        if self.dist.is_main:  # resume and preempt markers, for greenrun report
+            fs.append(self.metrics_path, json.dumps(event) + "\n")
+
     def _evaluate_and_log(self, record: dict[str, Any]) -> None:
         record["val_loss"] = self.evaluate()
         self.last_val = record["val_loss"]
@@ -320,6 +363,8 @@ class Trainer:
             self.first_val = record["val_loss"]
         if record["step"] > 0:  # the untrained model's loss is no baseline to stop against
             self._watch(record["val_loss"])
+            ramping = self.curriculum_ramping(self.step)
+            self.stopped_by = self.accounts.on_eval(record["val_loss"], ramping) or self.stopped_by
         self._log(record)
 
     def _watch(self, val_loss: float) -> None:
@@ -360,6 +405,7 @@ class Trainer:
                 "rng": rng,
                 "early_stopping": self.stopper.state_dict(),
                 "nonfinite": self.guard.state_dict(),
+                "accounts": self.accounts.state_dict(),  # the ledger's totals and the budgets' warnings
             },
         }
 
@@ -380,6 +426,11 @@ class Trainer:
             self.scaler.load_state_dict(trainer_state["scaler"])
         self.stopper.load_state_dict(trainer_state.get("early_stopping", {}))
         self.guard.load_state_dict(trainer_state.get("nonfinite", {}))
+        self.accounts.load_state_dict(
+            trainer_state.get("accounts", {}),
+            seconds_before=self.wall_before,
+            tokens_before=self.step * self.tokens_per_step,
+        )
         rng = trainer_state["rng"]
         torch.set_rng_state(rng["cpu"])
         random.setstate(rng["python"])
@@ -422,8 +473,11 @@ class Trainer:
     def resume_from(self, path: Path) -> None:
         model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
         self.load_state_dict(model_state, optim_state, trainer_state)
+        # What the killed process spent past this checkpoint, read before its records are dropped.
+        event = self.accounts.on_resume(path, self.step, self.metrics_path)
         if self.dist.is_main:
             runs.truncate_metrics(self.metrics_path, self.step)
+        self._log_event(event)
 
     def export_weights(self) -> Path:
         """Model-only weights in checkpoint.weights_dtype for inference or fine-tuning: half the bytes in bf16/fp16."""

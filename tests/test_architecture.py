@@ -17,7 +17,14 @@ LAYERS = [
     {"greenrun.ckpt"},
     {"greenrun.train"},
     {"greenrun.config"},
-    {"greenrun.trainer", "greenrun.runs", "greenrun.fit", "greenrun.history", "greenrun.plan"},
+    {
+        "greenrun.trainer",
+        "greenrun.accounting",
+        "greenrun.runs",
+        "greenrun.fit",
+        "greenrun.history",
+        "greenrun.plan",
+    },
     {"greenrun.smoke"},
     {"greenrun.job", "greenrun.report"},  # report reads what a job wrote (runs.py for an s3:// run)
     {"greenrun.cli", "greenrun.__main__"},

@@ -254,6 +254,14 @@ class Checkpointer:
         """An emergency save began: what is left of the deadline belongs to the exit."""
         return self._preempting
 
+    @property
+    def upload_stop(self) -> str | None:
+        """Why the run should end because its checkpoints no longer reach the bucket: set once
+        storage.max_failed_uploads uploads failed in a row with storage.on_failed_uploads=stop, cleared by
+        the next committed upload. None while healthy, without a bucket, and on every rank but the writer
+        (under torchrun, agree on it across ranks before acting, as for any stop)."""
+        return None if self.uploader is None else self.uploader.stop_reason
+
     def remote_report(self, wait: bool = True) -> dict[str, Any] | None:
         """Uploader.report() for the newest checkpoint this process took; None without a bucket.
 

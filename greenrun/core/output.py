@@ -59,6 +59,42 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
     console.print(out)
 
 
+def books(record: dict[str, Any]) -> str:
+    """The run's spend so far in a logged record, e.g. '0.42 kWh 0.20 kgCO2e $1.37 (measured)'; "" unknown."""
+    parts = []
+    if record.get("j_per_token") is not None:
+        parts.append(f"{record['j_per_token']:.3g} J/tok")
+    for key, fmt in (("kwh", "{:.3g} kWh"), ("kgco2e", "{:.3g} kgCO2e"), ("usd", "${:.2f}")):
+        if record.get(key) is not None:
+            parts.append(fmt.format(record[key]))
+    if parts and record.get("energy_source"):
+        parts.append(f"({record['energy_source']})")
+    return " ".join(parts)
+
+
+def ledger_rows(ledger: dict[str, Any]) -> list[tuple[str, str]]:
+    """The whole run's ledger (summary.json's "ledger") as summary-table rows; unknown figures say so."""
+    if not ledger:
+        return []
+    source = ledger.get("energy_source", "unknown")
+    kwh, kg, usd = ledger.get("kwh"), ledger.get("kgco2e"), ledger.get("usd")
+    rows = [
+        ("energy", f"{kwh:.4g} kWh at the wall ({source}, PUE {ledger.get('pue')})" if kwh is not None
+         else "unknown (no energy counter: set energy.cpu_watts to estimate)"),
+        ("carbon", f"{kg:.4g} kg CO2e ({ledger.get('grid_source', '')})" if kg is not None else "unknown"),
+        ("cost", f"${usd:.2f} for {ledger.get('gpu_hours', 0):.3g} GPU-hours" if usd is not None
+         else "not priced (set energy.usd_per_gpu_hour)"),
+    ]  # fmt: skip
+    lost = ledger.get("preemption") or {}
+    if lost.get("resumes"):
+        kwh_lost = f", {lost['lost_kwh']:.3g} kWh" if lost.get("lost_kwh") is not None else ""
+        rows.append(
+            ("preemption", f"{lost['resumes']} resume(s): {lost.get('lost_steps', 0)} step(s) trained again"
+             f"{kwh_lost}, {lost.get('wait_s', 0):.0f} s waiting")
+        )  # fmt: skip
+    return rows
+
+
 class Reporter:
     """Only rank 0 reports; on a terminal a rich progress bar, elsewhere one line per logged step."""
 
@@ -79,12 +115,15 @@ class Reporter:
             BarColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[books]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
         )
-        self.task = self.progress.add_task("train", total=total, completed=completed, loss="-", tps="-")
+        self.task = self.progress.add_task(
+            "train", total=total, completed=completed, loss="-", tps="-", books=""
+        )
         self.progress.start()
 
     def update(self, record: dict[str, Any]) -> None:
@@ -94,6 +133,7 @@ class Reporter:
             fields = {"loss": f"{record['loss']:.4f}" if "loss" in record else "-"}
             if "tok_per_s" in record:
                 fields["tps"] = f"{record['tok_per_s']:,.0f}"
+            fields["books"] = books(record)
             self.progress.update(self.task, completed=record["step"], **fields)
             if "val_loss" in record:
                 self.progress.console.print(f"step {record['step']}: val_loss {record['val_loss']:.4f}")
@@ -102,6 +142,8 @@ class Reporter:
         for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("tok_per_s", ",.0f")):
             if key in record:
                 parts.append(f"{key} {record[key]:{fmt}}")
+        if spent := books(record):
+            parts.append(spent)
         eta = self._eta(record["step"])
         if eta:
             parts.append(f"eta {eta}")
@@ -138,6 +180,8 @@ class Reporter:
         else:
             table.add_row("wall time", f"{result['wall_s']:.1f} s")
         table.add_row("throughput", f"{result['tok_per_s']:,.0f} tok/s (this process)")
+        for name, value in ledger_rows(result.get("ledger") or {}):
+            table.add_row(name, value)
         table.add_row("run directory", run_dir)
         self.console.print(table)
         if sample:

@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 from greenrun.core import checks
+from greenrun.runtime import budget
 from greenrun.storage.base import (
     BACKENDS,
     MIN_PART_SIZE_MB,
@@ -77,6 +78,7 @@ def validate(cfg: StorageConfig) -> list[str]:
         problems.append(f"storage.max_attempts={cfg.max_attempts} must be >= 1")
     if cfg.max_concurrency < 1:
         problems.append(f"storage.max_concurrency={cfg.max_concurrency} must be >= 1")
+    problems += budget.upload_problems(cfg.max_failed_uploads, cfg.on_failed_uploads)
     if cfg.endpoint_url is not None:
         url = urllib.parse.urlsplit(str(cfg.endpoint_url))
         if url.scheme not in ("http", "https") or not url.hostname:

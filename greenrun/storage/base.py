@@ -41,6 +41,8 @@ class StorageConfig:
     max_attempts: int = plain(10)  # tries per S3 request, the first included (>= 1)
     part_size_mb: int = plain(16)  # MiB per multipart part, fixed; bigger files go up in parts (>= 8)
     max_concurrency: int = plain(4)  # parts uploaded / ranges downloaded in parallel (>= 1)
+    max_failed_uploads: int = plain(3)  # checkpoint uploads failed in a row before acting (0 = never act)
+    on_failed_uploads: str = plain("warn")  # warn | stop (stop: commit a checkpoint here, end the run)
 
 
 class CommitConflict(Exception):
