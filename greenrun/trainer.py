@@ -19,22 +19,23 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from greenrun import accounting, data, runs
-from greenrun.ckpt import checkpoint, export
+from greenrun import accounting, data
+from greenrun.ckpt import checkpoint
 from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.uploader import Uploader
-from greenrun.config import CUDA_GRAPH_MODES, Config, math_hash
+from greenrun.config import CUDA_GRAPH_MODES, Config
 from greenrun.core import fs
 from greenrun.core.output import Reporter
 from greenrun.runtime import distributed, energy, hardware, profiling
 from greenrun.runtime.spot import PreemptionWatcher
 from greenrun.train import activation_checkpointing, curriculum, early_stopping, model, optimizer, precision
 from greenrun.train.schedule import lr_at
+from greenrun.trainer_state import TrainerState
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
+class Trainer(TrainerState):
     """Builds every part from a typed Config in __init__; train() runs the loop; close() in a finally.
 
     `data` is the dataset to train on (built from cfg.data when None); `uploader` mirrors each committed
@@ -385,117 +386,6 @@ class Trainer:
         self.reporter.update(record)
         if self.dist.is_main:
             fs.append(self.metrics_path, json.dumps(record) + "\n")  # refuses a symlink: never writes outside
-
-    # --- state --------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        self.guard.settle()  # every step up to now decided: its counts are saved, and `stop` raises first
-        rng = {"cpu": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "trainer": {
-                "step": self.step,
-                "first_val": self.first_val,
-                "wall_s": self.wall_before
-                + (time.perf_counter() - self._train_t0 if self._train_t0 else 0.0),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "early_stopping": self.stopper.state_dict(),
-                "nonfinite": self.guard.state_dict(),
-                "accounts": self.accounts.state_dict(),  # the ledger's totals and the budgets' warnings
-            },
-        }
-
-    def load_state_dict(self, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
-        self.model.load_state_dict(model_state)
-        try:
-            self.optimizer.load_state_dict(optim_state)
-        except (ValueError, KeyError) as e:  # torch names the mismatch, not what to do about it
-            raise checkpoint.CheckpointError(
-                f"the checkpoint's optimizer state does not fit optimizer={self.cfg.optimizer.name} ({e}); it was "
-                "written by another optimizer or by a greenrun before 2026-12-02, whose AdamW also decayed the "
-                "embeddings: resume it with the greenrun that wrote it, or start a new run"
-            ) from e
-        self.step = int(trainer_state["step"])
-        self.first_val = trainer_state.get("first_val")
-        self.wall_before = float(trainer_state.get("wall_s", 0.0))
-        if trainer_state["scaler"]:
-            self.scaler.load_state_dict(trainer_state["scaler"])
-        self.stopper.load_state_dict(trainer_state.get("early_stopping", {}))
-        self.guard.load_state_dict(trainer_state.get("nonfinite", {}))
-        self.accounts.load_state_dict(
-            trainer_state.get("accounts", {}),
-            seconds_before=self.wall_before,
-            tokens_before=self.step * self.tokens_per_step,
-        )
-        rng = trainer_state["rng"]
-        torch.set_rng_state(rng["cpu"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def _reserve_staging(self) -> None:
-        t0 = time.perf_counter()
-        state = self.state_dict()
-        unique, _ = checkpoint.unique_tensors(state["model"])
-        n = self.stager.reserve(unique, state["optimizer"], state["trainer"])
-        log.debug(
-            f"checkpoint staging: {n / 2**30:.2f} GiB of host buffers in {time.perf_counter() - t0:.2f} s"
-        )
-
-    def snapshot(self) -> checkpoint.Snapshot:
-        state = self.state_dict()
-        unique, aliases = checkpoint.unique_tensors(state["model"])
-        # The guard stops a non-finite step before its update; an update that overflowed is caught here.
-        if not early_stopping.all_finite(unique.values()):
-            raise early_stopping.NonFiniteError(
-                f"the weights are not finite after step {self.step}: not checkpointing them. Lower optimizer.lr"
-            )
-        # Into host buffers allocated at the first save and reused by every later one (ckpt/staging.py).
-        return self.stager.snapshot(
-            step=self.step,
-            model=unique,
-            aliases=aliases,
-            optimizer=state["optimizer"],
-            trainer=state["trainer"],
-            meta={
-                "config_hash": math_hash(self.cfg),
-                "world_size": self.dist.world_size,
-                "data_cache_key": self.data.cache_key,
-                "val_loss": self.last_val,
-                "early_stop": self.early_stop.reason if self.early_stop is not None else "",
-            },
-        )
-
-    def resume_from(self, path: Path) -> None:
-        model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
-        self.load_state_dict(model_state, optim_state, trainer_state)
-        # What the killed process spent past this checkpoint, read before its records are dropped.
-        event = self.accounts.on_resume(path, self.step, self.metrics_path)
-        if self.dist.is_main:
-            runs.truncate_metrics(self.metrics_path, self.step)
-        self._log_event(event)
-
-    def export_weights(self) -> Path:
-        """Model-only weights in checkpoint.weights_dtype for inference or fine-tuning: half the bytes in bf16/fp16."""
-        c = self.cfg.checkpoint
-        return export.write(self.run_dir, self.model.state_dict(), self.step, c.weights_dtype, c.keep_exports)
-
-    def _export_path(self, step: int) -> Path:
-        return export.export_path(self.run_dir, step, self.cfg.checkpoint.weights_dtype)
-
-    def final_export(self) -> Path:
-        """The export a run leaves: with early_stopping.restore_best the best evaluation's weights, exported
-        when it was reached (_watch); else the weights now."""
-        best = self.stopper.best_step if self.cfg.early_stopping.restore_best else None
-        if best is not None and self._export_path(best).is_file():
-            return self._export_path(best)
-        if best is not None:  # only after a resume that went another way than the run it continued
-            log.warning(f"the best weights (step {best}) are gone from export/: exporting step {self.step}'s")
-        return self.export_weights()
 
     def sample(self, prompt: str | None = None) -> str:
         n = self.cfg.trainer.sample_tokens

@@ -19,6 +19,7 @@ LAYERS = [
     {"greenrun.config"},
     {
         "greenrun.trainer",
+        "greenrun.trainer_state",
         "greenrun.accounting",
         "greenrun.runs",
         "greenrun.fit",

@@ -166,7 +166,7 @@ def test_meter_without_nvml_uses_cpu_watts_times_elapsed(monkeypatch):
 
 
 def test_cpu_watts_with_the_real_clock():
-    meter = EnergyMeter(EnergyConfig(cpu_watts=40.0), gpus=[])
+    meter = EnergyMeter(EnergyConfig(cpu_watts=40.0, sensor="cpu_watts"), gpus=[])
     meter.start()
     t0 = time.monotonic()
     time.sleep(0.05)
