@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from greenrun.runtime import ledger as ledger_mod
-from greenrun.runtime import rapl
+from greenrun.runtime import equivalents, rapl
 from greenrun.runtime.energy import EnergyConfig, EnergyMeter, Window
 from greenrun.runtime.ledger import Ledger, from_rank_sum, label, previous_process, rank_vector
 from tests.test_energy import FakeClock, fake_pynvml
@@ -337,6 +336,7 @@ def test_summary_is_the_whole_run_with_its_sources():
     s = led.summary()
     assert s["kwh"] == 1.0 and s["kgco2e"] == 0.23 and s["energy_source"] == "sampled"
     assert (
-        s["grid_source"].startswith("energy.region=eu") and s["car_km"] == 0.23 / ledger_mod.CAR_KG_CO2_PER_KM
+        s["grid_source"].startswith("energy.region=eu")
+        and s["car_km"] == equivalents.compute(1.0, 0.23)["car_km"]
     )
     assert json.loads(json.dumps(s)) == s

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from greenrun import cli, report
-from greenrun.report import equivalents, series
+from greenrun.report import series
+from greenrun.runtime import equivalents
 from tests.common import run_cli
 
 pytest_plugins = ["tests.s3_fixtures"]

@@ -2,7 +2,7 @@
 
 Reads each run (load), derives its series and totals (series), prints one summary row per run in the terminal,
 and writes one self-contained HTML file (html) with the figures (plots) and everyday equivalents
-(equivalents). Reading only: a run that is still training can be reported, and no lock is taken.
+(runtime/equivalents). Reading only: a run that is still training can be reported, and no lock is taken.
 
     path = report.make(["runs/a", "s3://bucket/greenrun/b"], out=None)
 """

@@ -11,9 +11,10 @@ import base64
 from html import escape
 from typing import Any
 
-from greenrun.report import equivalents, series
+from greenrun.report import series
 from greenrun.report.load import Run, number
 from greenrun.report.plots import Plot
+from greenrun.runtime import equivalents
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }

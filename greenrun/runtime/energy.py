@@ -28,16 +28,11 @@ from typing import Any
 
 from greenrun.core.fields import plain
 from greenrun.core.registry import Registry
-from greenrun.runtime import carbon, rapl
+from greenrun.runtime import carbon, equivalents, rapl
 
 log = logging.getLogger(__name__)
 
 JOULES_PER_KWH = 3.6e6
-
-# Everyday equivalents, rough round figures: an average petrol car emits about 0.17 kg CO2 per km
-# driven, and charging a smartphone from empty takes about 0.012 kWh.
-CAR_KG_CO2_PER_KM = 0.17
-PHONE_CHARGE_KWH = 0.012
 
 
 @dataclass
@@ -380,15 +375,14 @@ def account(joules: float | None, seconds: float, gpus: int, cfg: EnergyConfig) 
         "kwh": None,
         "kg_co2": None,
         "usd": gpu_hours * price if price is not None else None,
-        "car_km": None,
-        "phone_charges": None,
+        **equivalents.compute(None, None),  # car_km, phone_charges, tree_years: None while energy is unknown
     }
     if joules is not None:
         device_kwh = joules / JOULES_PER_KWH
         kwh = device_kwh * cfg.pue
         kg = kwh * carbon.grid_intensity(cfg)[0]
         out.update(device_kwh=device_kwh, kwh=kwh, kg_co2=kg)
-        out.update(car_km=kg / CAR_KG_CO2_PER_KM, phone_charges=kwh / PHONE_CHARGE_KWH)
+        out.update(equivalents.compute(kwh, kg))  # car km, phone charges, tree-years (sourced factors)
     return out
 
 
@@ -397,17 +391,3 @@ def per_token(joules: float | None, tokens: int) -> float | None:
     if joules is None or tokens <= 0:
         return None
     return joules / tokens
-
-
-def summary(acc: dict[str, float | None]) -> str:
-    """One line for the end-of-run report, e.g. '1.24 kWh at the wall, 0.58 kg CO2 (~3.4 km ...)'."""
-    if acc["kwh"] is None:
-        parts = ["energy unknown (no GPU energy counter; set energy.cpu_watts to estimate)"]
-    else:
-        parts = [
-            f"{acc['kwh']:.3g} kWh at the wall ({acc['phone_charges']:.3g} phone charges)",
-            f"{acc['kg_co2']:.3g} kg CO2 (~{acc['car_km']:.3g} km in a petrol car)",
-        ]
-    if acc["usd"] is not None:
-        parts.append(f"${acc['usd']:.2f} for {acc['gpu_hours']:.3g} GPU-hours")
-    return ", ".join(parts)

@@ -24,11 +24,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from greenrun.runtime import carbon
+from greenrun.runtime import carbon, equivalents
 from greenrun.runtime.energy import (
-    CAR_KG_CO2_PER_KM,
     JOULES_PER_KWH,
-    PHONE_CHARGE_KWH,
     EnergyConfig,
     Window,
 )
@@ -242,8 +240,7 @@ class Ledger:
             "grid_source": where,
             "pricing": self.cfg.pricing,
             "usd_per_gpu_hour": self._price(),
-            "car_km": kg / CAR_KG_CO2_PER_KM if kg is not None else None,
-            "phone_charges": kwh / PHONE_CHARGE_KWH if kwh is not None else None,
+            **equivalents.compute(kwh, kg),  # car km, phone charges, tree-years (runtime/equivalents.py)
             "preemption": {
                 "resumes": t.resumes,
                 "lost_steps": t.lost_steps,
