@@ -36,34 +36,13 @@ DEFAULT_RUNS_DIR = Path("runs")  # where run directories go when run.dir names n
 # The keys that price a GPU-hour under one pricing ({pricing}: spot | on_demand), named where a price is missing.
 PRICE_KEYS = "energy.{pricing}_usd_per_gpu_hour or energy.usd_per_gpu_hour"
 
-# Board power (TDP) from the vendors' datasheets, watts; the SXM figure where a GPU comes as SXM and PCIe.
-# A projection assumes the GPU draws all of it for the whole run: an upper estimate of its energy.
-GPU_WATTS = {
-    "t4": 70,
-    "v100-16gb": 300,
-    "a10": 150,
-    "a10g": 300,
-    "l4": 72,
-    "rtx3090": 350,
-    "rtx4090": 450,
-    "v100-32gb": 300,
-    "a100-40gb": 400,
-    "rtx-a6000": 300,
-    "l40s": 350,
-    "a100-80gb": 400,
-    "h100": 700,
-    "h100-nvl": 400,
-    "h200": 700,
-    "b200": 1000,
-}
-
 
 @dataclass(frozen=True)
 class GpuSpec:
     name: str  # a smoke.target GPU name, e.g. h100
     label: str  # the product, e.g. "NVIDIA H200"
     peak_flops: float  # dense bf16 FLOP/s of one GPU (datasheet); 0.0 = unknown to runtime/hardware.py
-    watts: float  # board power (TDP), GPU_WATTS
+    watts: float  # board power (TDP), from train/target.py's GPU table
 
 
 def gpu_spec(name: str) -> GpuSpec | None:
@@ -74,7 +53,7 @@ def gpu_spec(name: str) -> GpuSpec | None:
         return None
     # hardware's table is keyed by the names CUDA reports, which the vendor's product label contains.
     peak = next((p for k, p in DENSE_BF16_FLOPS if k in gpu.label), 0.0)
-    return GpuSpec(gpu.name, gpu.label, peak, GPU_WATTS[gpu.name])
+    return GpuSpec(gpu.name, gpu.label, peak, gpu.watts)
 
 
 def target_gpu(smoke_target: str) -> tuple[GpuSpec, str]:

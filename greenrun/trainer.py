@@ -1,7 +1,13 @@
 """The training loop: build the parts, step, evaluate, checkpoint. Reads top to bottom like a script.
 
-Batches are a pure function of (seed, step, micro-step, rank) and the schedule is a pure function of the step,
-so a checkpoint of model, optimizer, scaler, step and RNG states is all exact resume needs.
+Batches are a pure function of (seed, step, slot), the slot numbering the global batch's micro-batches alike
+on any number of processes, and the schedule is a pure function of the step, so a checkpoint of model,
+optimizer, scaler, step and RNG states is all exact resume needs, on this world size or another.
+
+Nothing in a training step draws from the global RNGs (the checkpoint keeps rank 0's states only): GPT-2 here
+trains without dropout, validation batches are drawn like training ones, and the sample at the end has its own
+generator. Randomness added to a step (dropout > 0, sampling) must come from a generator seeded by
+(seed, step, slot), never from the global state: that differs by rank and is not restored per rank.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from greenrun.ckpt.uploader import Uploader
 from greenrun.config import CUDA_GRAPH_MODES, Config
 from greenrun.core import fs
 from greenrun.core.output import Reporter
+from greenrun.data.dataset import global_slot
 from greenrun.runtime import distributed, energy, hardware, profiling
 from greenrun.runtime.spot import PreemptionWatcher
 from greenrun.train import activation_checkpointing, curriculum, early_stopping, model, optimizer, precision
@@ -197,13 +204,13 @@ class Trainer(TrainerState):
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     def _batch(self, split: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-step `micro` of this process: train draws its global slot (the same sequences on any world
+        size); validation batch `step` is one of the evaluation's, whichever rank computes it."""
         t = self.cfg.trainer
         if split == "train":  # the curriculum picks training data; validation stays uniform at full length
-            x, y = self.curriculum.batch(step, micro, self.dist.rank)
+            x, y = self.curriculum.batch(step, global_slot(micro, self.dist.rank, self.dist.world_size))
         else:
-            x, y = self.data.batch(
-                split, step, micro, self.dist.rank, t.micro_batch_size, self.cfg.model.seq_len, t.seed
-            )
+            x, y = self.data.batch(split, step, micro, t.micro_batch_size, self.cfg.model.seq_len, t.seed)
         if self.device.type == "cuda":
             # A copy from pageable memory first waits for the GPU to drain its queue, so the host could never
             # run ahead of the kernels; from pinned memory (cached by torch's host allocator) it is queued.
@@ -212,14 +219,16 @@ class Trainer(TrainerState):
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss over validation batches 0 .. eval_batches - 1, shared out over the ranks: the same
+        batches, so the same number up to float sums, on any number of processes."""
         self.train_model.eval()
-        total = torch.zeros((), device=self.device)
-        for i in range(self.cfg.trainer.eval_batches):
+        n, total = self.cfg.trainer.eval_batches, torch.zeros((), device=self.device)
+        for i in range(self.dist.rank, n, self.dist.world_size):
             x, y = self._batch("val", i, 0)
             with self.autocast():
                 _, loss = self.model(x, y)
             total += loss.float()
-        return distributed.mean(total / self.cfg.trainer.eval_batches).item()
+        return (distributed.total(total) / n).item()
 
     # --- the loop ---------------------------------------------------------------------------------------
 

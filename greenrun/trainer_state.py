@@ -101,6 +101,9 @@ class TrainerState:
             meta={
                 "config_hash": math_hash(self.cfg),
                 "world_size": self.dist.world_size,
+                # How the global batch was split: a resume on another world size keeps it (job.continue_run).
+                "micro_batch_size": self.cfg.trainer.micro_batch_size,
+                "grad_accum_steps": self.cfg.trainer.grad_accum_steps,
                 "data_cache_key": self.data.cache_key,
                 "val_loss": self.last_val,
                 "early_stop": self.early_stop.reason if self.early_stop is not None else "",

@@ -122,7 +122,7 @@ def test_seqlen_tokens_per_micro_batch_are_constant_and_shapes_few(ds: Dataset) 
     sl = SeqLen(_cfg(name="seqlen", start_len=8, bucket=8, ramp_steps=40), ds, 64, 3, 7)
     shapes = set()
     for step in range(0, 45):
-        x, y = sl.batch(step, 0, 0)
+        x, y = sl.batch(step, 0)
         assert x.numel() == y.numel() == 3 * 64, step
         assert x.shape[1] == sl.length_at(step) and torch.equal(x[:, 1:], y[:, :-1])
         shapes.add(tuple(x.shape))
@@ -204,9 +204,9 @@ def test_difficulty_draws_only_from_the_bins_introduced(hand: Dataset) -> None:
     d = Difficulty(_cfg(name="difficulty", n_bins=2, pacing="step", stages=2), hand, 3, 8, 0)
     assert d.order.tolist() == [0, 3, 1, 2] and d.ends == [2, 4]
     easy = {tuple(WINDOWS[0][:3]), tuple(WINDOWS[3][:3])}
-    seen_early = {tuple(row) for s in range(5) for row in d.batch(s, 0, 0)[0].tolist()}
+    seen_early = {tuple(row) for s in range(5) for row in d.batch(s, 0)[0].tolist()}
     assert seen_early == easy
-    seen_late = {tuple(row) for s in range(100, 110) for row in d.batch(s, 0, 0)[0].tolist()}
+    seen_late = {tuple(row) for s in range(100, 110) for row in d.batch(s, 0)[0].tolist()}
     assert seen_late == {tuple(w[:3]) for w in WINDOWS}
 
 
@@ -252,12 +252,12 @@ def test_batches_are_a_pure_function(ds: Dataset, cfg: CurriculumConfig) -> None
     a = curriculum.build(cfg, ds, 32, 4, 1337)
     b = curriculum.build(cfg, Dataset(ds.cache_path), 32, 4, 1337)  # a resumed process
     for step in (0, 3, 9, 12):
-        x, y = a.batch(step, 1, 0)
-        assert torch.equal(x, b.batch(step, 1, 0)[0]) and torch.equal(y, b.batch(step, 1, 0)[1])
-        for other in (a.batch(step + 1, 1, 0), a.batch(step, 2, 0), a.batch(step, 1, 1)):
+        x, y = a.batch(step, 1)
+        assert torch.equal(x, b.batch(step, 1)[0]) and torch.equal(y, b.batch(step, 1)[1])
+        for other in (a.batch(step + 1, 1), a.batch(step, 2), a.batch(step, 0)):
             assert other[0].shape != x.shape or not torch.equal(other[0], x)
     seeded = curriculum.build(cfg, ds, 32, 4, 1338)
-    assert not torch.equal(seeded.batch(12, 0, 0)[0], a.batch(12, 0, 0)[0])
+    assert not torch.equal(seeded.batch(12, 0)[0], a.batch(12, 0)[0])
 
 
 def test_the_trainer_asks_the_curriculum(ds: Dataset, tmp_path: Path) -> None:

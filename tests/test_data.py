@@ -56,26 +56,25 @@ def _count_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_batch_is_a_pure_function_and_y_is_x_shifted(ds: data.Dataset) -> None:
-    x, y = ds.batch("train", step=5, micro_step=1, rank=0, batch_size=8, seq_len=32, seed=1337)
+    x, y = ds.batch("train", step=5, slot=1, batch_size=8, seq_len=32, seed=1337)
     assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    again = ds.batch("train", step=5, micro_step=1, rank=0, batch_size=8, seq_len=32, seed=1337)
+    again = ds.batch("train", step=5, slot=1, batch_size=8, seq_len=32, seed=1337)
     assert torch.equal(x, again[0]) and torch.equal(y, again[1])
     # A fresh Dataset over the same cache (a resumed process) must agree too.
-    fresh = data.Dataset(ds.cache_path).batch("train", 5, 1, 0, 8, 32, 1337)
+    fresh = data.Dataset(ds.cache_path).batch("train", 5, 1, 8, 32, 1337)
     assert torch.equal(x, fresh[0])
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"step": 6}, {"micro_step": 2}, {"rank": 1}, {"seed": 1338}, {"split": "val"}],
+    [{"step": 6}, {"slot": 2}, {"seed": 1338}, {"split": "val"}],
 )
 def test_batch_differs_when_any_argument_changes(ds: data.Dataset, change: dict) -> None:
     args = {
         "split": "train",
         "step": 5,
-        "micro_step": 1,
-        "rank": 0,
+        "slot": 1,
         "batch_size": 8,
         "seq_len": 32,
         "seed": 1337,
@@ -92,7 +91,7 @@ def test_windows_never_cross_a_shard_end_and_shards_hold_the_whole_stream(ds: da
     for split in ("train", "val"):
         windows = [np.lib.stride_tricks.sliding_window_view(np.asarray(s), seq + 1) for s in ds.shards[split]]
         for step in range(20):
-            x, y = ds.batch(split, step, 0, 0, 4, seq, seed=0)
+            x, y = ds.batch(split, step, 0, 4, seq, seed=0)
             for row in torch.cat([x, y[:, -1:]], dim=1).numpy():
                 assert any((w == row).all(axis=1).any() for w in windows)
     stream = np.concatenate([np.asarray(s) for s in ds.shards["train"] + ds.shards["val"]])
@@ -118,10 +117,10 @@ def test_long_documents_are_encoded_in_pieces_without_losing_text(
 
 
 def test_batch_is_fast(ds: data.Dataset) -> None:
-    ds.batch("train", 0, 0, 0, 8, 256, 0)
+    ds.batch("train", 0, 0, 8, 256, 0)
     t0 = time.perf_counter()
     for step in range(200):
-        ds.batch("train", step, 0, 0, 8, 256, 0)
+        ds.batch("train", step, 0, 8, 256, 0)
     assert (time.perf_counter() - t0) / 200 < 0.01
 
 
@@ -212,7 +211,7 @@ def test_concurrent_builders_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len({r.cache_path for r in results}) == 1
     entries = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
     assert entries == [results[0].cache_path.name]
-    batches = [r.batch("train", 3, 0, 0, 2, 16, 0)[0] for r in results]
+    batches = [r.batch("train", 3, 0, 2, 16, 0)[0] for r in results]
     assert all(torch.equal(b, batches[0]) for b in batches)
 
 
@@ -264,7 +263,7 @@ def test_too_small_corpus_names_the_knobs(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"corpus too small: the val split .*data\.val_fraction"):
         build(cfg, 300, seq_len=64)  # ... but not for this context length
     with pytest.raises(DataError, match=r"corpus too small: the train split .*data\.max_chars"):
-        ds.batch("train", 0, 0, 0, 1, 10_000, 0)
+        ds.batch("train", 0, 0, 1, 10_000, 0)
 
 
 def test_globs_expand_home_recurse_and_deduplicate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,7 +293,7 @@ def test_stdlib_corpus_round_trips_python_source(tmp_path: Path) -> None:
     ids = ds.encode(text)
     assert len(ids) < 0.7 * len(text.encode())  # merges learned from Python source
     assert ds.decode(ids) == text
-    x, _ = ds.batch("val", 0, 0, 0, 4, 128, 0)
+    x, _ = ds.batch("val", 0, 0, 4, 128, 0)
     assert x.max().item() < ds.vocab_size
 
 

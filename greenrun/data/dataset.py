@@ -1,7 +1,10 @@
 """A built token cache, read back: the tokenizer plus memory-mapped shards, and batches from them.
 
-Batches are a pure function of (seed, split, step, micro_step, rank), so a resumed run needs no iterator
-state. For curriculum=difficulty the train split is also cut into a fixed tiling of windows, each scored once
+Batches are a pure function of (seed, split, step, slot), so a resumed run needs no iterator state. A slot
+numbers one micro-batch of an optimizer step's global batch (`global_slot`): what a step trains on is then the
+same on any number of processes, and a run checkpointed on N processes resumes exactly on M.
+
+For curriculum=difficulty the train split is also cut into a fixed tiling of windows, each scored once
 (`length_scores`, `rarity_scores`); batches then draw from a pool of those windows instead of any start.
 """
 
@@ -26,6 +29,23 @@ def _seed_for(*values: int) -> int:
     packed = struct.pack(f"<{len(values)}Q", *(v % 2**64 for v in values))
     digest = hashlib.blake2b(packed, digest_size=16).digest()
     return int.from_bytes(digest, "little")
+
+
+def _slot_seed(seed: int, split: str, step: int, slot: int) -> int:
+    # The trailing 0 is where the rank went before slots: with it, slot k hashes as (micro k, rank 0) did.
+    return _seed_for(seed, SPLIT_IDS[split], step, slot, 0)
+
+
+def global_slot(micro: int, rank: int, world: int) -> int:
+    """The global batch's micro-batch that micro-step `micro` of process `rank` (of `world`) trains on.
+
+    Micro-step m of every process is the m-th round of slots, `micro * world + rank`: a step's slots are
+    0 .. accum * world - 1 however the global batch is split into accumulation and processes, so 2 processes
+    x 2 micro-steps and 1 x 4 train on the same sequences (the rule needs no accumulation count). A single
+    process (world 1, rank 0) has slot = micro, the index it always drew by: its batches, and the exact
+    resume of every run written before slots, are unchanged.
+    """
+    return micro * world + rank
 
 
 class Dataset:
@@ -84,15 +104,16 @@ class Dataset:
         return self._index[(split, seq_len)]
 
     def batch(
-        self, split: str, step: int, micro_step: int, rank: int, batch_size: int, seq_len: int, seed: int
+        self, split: str, step: int, slot: int, batch_size: int, seq_len: int, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 tensors of shape [batch_size, seq_len]; y is x shifted left by one token.
 
-        A pure function of its arguments. Windows are uniform over every start position of the
-        split (so shards weigh by length) and never cross a shard end.
+        A pure function of its arguments (`slot`: which micro-batch of the global batch, `global_slot`).
+        Windows are uniform over every start position of the split (so shards weigh by length) and never
+        cross a shard end.
         """
         starts, cum = self._windows(split, seq_len)
-        rng = np.random.default_rng(_seed_for(seed, SPLIT_IDS[split], step, micro_step, rank))
+        rng = np.random.default_rng(_slot_seed(seed, split, step, slot))
         picks = rng.integers(0, cum[-1], size=batch_size)
         which = np.searchsorted(cum, picks, side="right")
         offsets = picks - (cum[which] - starts[which])
@@ -128,15 +149,14 @@ class Dataset:
         self,
         pool: np.ndarray,
         step: int,
-        micro_step: int,
-        rank: int,
+        slot: int,
         batch_size: int,
         seq_len: int,
         seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) as `batch` gives them, but each row a window of the train tiling drawn uniformly from
         `pool` (window ids). A pure function of its arguments, so a resumed run draws the same rows."""
-        rng = np.random.default_rng(_seed_for(seed, SPLIT_IDS["train"], step, micro_step, rank))
+        rng = np.random.default_rng(_slot_seed(seed, "train", step, slot))
         rows = torch.from_numpy(self.tile_rows(pool[rng.integers(0, len(pool), size=batch_size)], seq_len))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 

@@ -55,6 +55,14 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def total(value: torch.Tensor) -> torch.Tensor:
+    """Sum a scalar tensor over all ranks (identity in a single process)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

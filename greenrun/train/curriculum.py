@@ -87,8 +87,9 @@ class CurriculumConfig:
 
 
 class Curriculum(Protocol):
-    def batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) for one micro-batch of optimizer step `step`: a pure function of the arguments."""
+    def batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) for micro-batch `slot` of optimizer step `step`'s global batch: a pure function of the
+        arguments. Slots number the global batch alike on any number of processes (dataset.global_slot)."""
         ...
 
     def ramping(self, step: int) -> bool:
@@ -145,8 +146,8 @@ class Uniform:
     def problems(cfg: CurriculumConfig, seq_len: int) -> list[str]:
         return []
 
-    def batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ds.batch("train", step, micro, rank, self.micro_batch, self.seq_len, self.seed)
+    def batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ds.batch("train", step, slot, self.micro_batch, self.seq_len, self.seed)
 
     def ramping(self, step: int) -> bool:
         return False
@@ -194,9 +195,9 @@ class SeqLen(Uniform):
     def rows_at(self, step: int) -> int:
         return self.micro_batch * self.seq_len // self.length_at(step)  # exact: seq_len / length is 2**k
 
-    def batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.length_at(step)
-        return self.ds.batch("train", step, micro, rank, self.rows_at(step), n, self.seed)
+        return self.ds.batch("train", step, slot, self.rows_at(step), n, self.seed)
 
     def ramping(self, step: int) -> bool:
         return self.length_at(step) < self.seq_len
@@ -250,9 +251,9 @@ class Difficulty(Uniform):
         amount = amount_at(self.cfg, step, 1, self.cfg.n_bins) * (1 + _EPS)
         return min(self.cfg.n_bins, max(1, math.floor(amount)))
 
-    def batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         pool = self.order[: self.ends[self.bins_at(step) - 1]]
-        return self.ds.pool_batch(pool, step, micro, rank, self.micro_batch, self.seq_len, self.seed)
+        return self.ds.pool_batch(pool, step, slot, self.micro_batch, self.seq_len, self.seed)
 
     def ramping(self, step: int) -> bool:
         return self.bins_at(step) < self.cfg.n_bins

@@ -43,32 +43,36 @@ class Gpu:
     name: str  # what smoke.target takes, e.g. a100-80gb
     label: str  # the product, as the vendor names it
     memory_gib: float  # datasheet capacity (GB as printed, read as GiB)
+    watts: (
+        float  # board power (TDP), the SXM figure where it comes as SXM and PCIe: projections' upper estimate
+    )
 
     @property
     def memory(self) -> int:
         return int(self.memory_gib * GiB)
 
 
-# Smallest first. Capacities from the vendors' datasheets (NVIDIA data center and GeForce/RTX product pages).
+# Smallest first. Capacities and board power from the vendors' datasheets (NVIDIA data center and GeForce/RTX
+# product pages).
 GPUS: dict[str, Gpu] = {
     gpu.name: gpu
     for gpu in (
-        Gpu("t4", "NVIDIA T4", 16),
-        Gpu("v100-16gb", "NVIDIA V100 16GB", 16),
-        Gpu("a10", "NVIDIA A10", 24),
-        Gpu("a10g", "NVIDIA A10G", 24),
-        Gpu("l4", "NVIDIA L4", 24),
-        Gpu("rtx3090", "NVIDIA GeForce RTX 3090", 24),
-        Gpu("rtx4090", "NVIDIA GeForce RTX 4090", 24),
-        Gpu("v100-32gb", "NVIDIA V100 32GB", 32),
-        Gpu("a100-40gb", "NVIDIA A100 40GB", 40),
-        Gpu("rtx-a6000", "NVIDIA RTX A6000", 48),
-        Gpu("l40s", "NVIDIA L40S", 48),
-        Gpu("a100-80gb", "NVIDIA A100 80GB", 80),
-        Gpu("h100", "NVIDIA H100 80GB (SXM or PCIe)", 80),
-        Gpu("h100-nvl", "NVIDIA H100 NVL", 94),
-        Gpu("h200", "NVIDIA H200", 141),
-        Gpu("b200", "NVIDIA B200", 180),
+        Gpu("t4", "NVIDIA T4", 16, 70),
+        Gpu("v100-16gb", "NVIDIA V100 16GB", 16, 300),
+        Gpu("a10", "NVIDIA A10", 24, 150),
+        Gpu("a10g", "NVIDIA A10G", 24, 300),
+        Gpu("l4", "NVIDIA L4", 24, 72),
+        Gpu("rtx3090", "NVIDIA GeForce RTX 3090", 24, 350),
+        Gpu("rtx4090", "NVIDIA GeForce RTX 4090", 24, 450),
+        Gpu("v100-32gb", "NVIDIA V100 32GB", 32, 300),
+        Gpu("a100-40gb", "NVIDIA A100 40GB", 40, 400),
+        Gpu("rtx-a6000", "NVIDIA RTX A6000", 48, 300),
+        Gpu("l40s", "NVIDIA L40S", 48, 350),
+        Gpu("a100-80gb", "NVIDIA A100 80GB", 80, 400),
+        Gpu("h100", "NVIDIA H100 80GB (SXM or PCIe)", 80, 700),
+        Gpu("h100-nvl", "NVIDIA H100 NVL", 94, 400),
+        Gpu("h200", "NVIDIA H200", 141, 700),
+        Gpu("b200", "NVIDIA B200", 180, 1000),
     )
 }
 WORDS = ("auto", "cpu")
