@@ -142,6 +142,7 @@ def run(*args: str, logs: Path, cwd: Path | None = None, timeout: float = 240) -
 
 
 def metrics(run_dir: Path) -> list[dict]:
+    """The logged steps (resume and preempt event lines, which name a step too, left out)."""
     try:
         text = (run_dir / "metrics.jsonl").read_text()
     except FileNotFoundError:
@@ -150,7 +151,7 @@ def metrics(run_dir: Path) -> list[dict]:
     for line in text.splitlines():
         with contextlib.suppress(ValueError):  # the line being written right now
             rows.append(json.loads(line))
-    return rows
+    return [row for row in rows if "event" not in row]
 
 
 def max_step(run_dir: Path) -> int:
