@@ -54,6 +54,7 @@ examples:
   greenrun train                               the tiny model on the bundled corpus (CPU, a few minutes)
   greenrun train +recipe=bf16_ckpt optimizer.lr=3e-4
   greenrun train -m precision=fp32,bf16        a sweep: one run per value
+  greenrun train trainer.nproc_per_node=auto   one process per GPU here, through torch's launcher (torchrun)
   greenrun train --cfg job                     print the composed config and exit
   greenrun train --help                        every config group, option and key
   greenrun report runs/a runs/b out=ab.html    two runs side by side
@@ -92,6 +93,13 @@ def _main(argv: list[str]) -> int:
         output.say(f"greenrun {__version__}")
         return EXIT_OK
     command, rest = argv[0], argv[1:]
+    if command in (
+        "_worker",
+        "_preflight",
+    ):  # started by greenrun.launch for `train trainer.nproc_per_node=N`
+        from greenrun import launch
+
+        return launch.worker(rest) if command == "_worker" else launch.preflight(rest)
     if command not in COMMANDS:
         near = checks.closest(command, COMMANDS)
         return _usage_error(
@@ -231,6 +239,12 @@ def _task(command: str, dcfg) -> job.JobResult:
         # The user's overrides, repeated in the command the plan prints (hydra.searchpath: for their recipes).
         searchpath = [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.searchpath=")]
         return _plan(cfg, [*searchpath, *hydra_cfg.overrides.task])
+    from greenrun import launch
+
+    # trainer.nproc_per_node, nnodes, max_restarts: torch's launcher starts the processes (greenrun.launch).
+    how = launch.layout(cfg)
+    if how is not None:
+        return launch.launch(cfg, how)
     return job.train_or_continue(cfg)
 
 

@@ -78,7 +78,7 @@ class TrainerConfig:
     eval_batches: int = plain(8)  # micro-batches per validation evaluation
     log_interval: int = plain(10)  # steps between metrics.jsonl lines and progress updates
     grad_clip: float = maths(1.0)  # max global gradient norm (0 = no clipping)
-    seed: int = maths(1337)  # seeds init, data order and dropout
+    seed: int = maths(1337)  # seeds init and data order (draws are per (step, slot), any world size)
     device: str = plain("auto")  # auto | cpu | cuda
     stop_at_step: int | None = plain(None)  # commit a checkpoint at this step and exit 0 (train in slices)
     compile: bool | None = plain(None)  # torch.compile the model; None = on for CUDA
@@ -93,7 +93,9 @@ class TrainerConfig:
     on_nonfinite: str = plain("stop")  # non-finite loss or grad norm: stop (exit 1) | skip (drop the update)
     nproc_per_node: Any = plain(1)  # processes on this machine: N, or auto (1 per visible GPU, 1 on a CPU)
     nnodes: str = plain("1")  # machines: N, or MIN:MAX for an elastic range (e.g. 1:4)
-    rdzv_endpoint: str = plain("")  # host:port of the c10d rendezvous (needed when nnodes > 1); "" = this machine
+    rdzv_endpoint: str = plain(
+        ""
+    )  # host:port of the c10d rendezvous (needed when nnodes > 1); "" = this machine
     max_restarts: int = plain(0)  # times torch's launcher restarts a failed process group (each continues)
 
 
@@ -359,7 +361,9 @@ def _launch_problems(t: TrainerConfig) -> list[str]:
         )
     host, sep, port = t.rdzv_endpoint.rpartition(":")
     if t.rdzv_endpoint and not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        problems.append(f"trainer.rdzv_endpoint: must be host:port (e.g. node0:29500), got {t.rdzv_endpoint!r}")
+        problems.append(
+            f"trainer.rdzv_endpoint: must be host:port (e.g. node0:29500), got {t.rdzv_endpoint!r}"
+        )
     elif span is not None and span[1] > 1 and not t.rdzv_endpoint:
         problems.append(
             f"trainer.nnodes={t.nnodes} needs trainer.rdzv_endpoint=HOST:PORT, the same on every machine "

@@ -4,10 +4,12 @@ Batches are a pure function of (seed, step, slot), the slot numbering the global
 on any number of processes, and the schedule is a pure function of the step, so a checkpoint of model,
 optimizer, scaler, step and RNG states is all exact resume needs, on this world size or another.
 
-Nothing in a training step draws from the global RNGs (the checkpoint keeps rank 0's states only): GPT-2 here
-trains without dropout, validation batches are drawn like training ones, and the sample at the end has its own
-generator. Randomness added to a step (dropout > 0, sampling) must come from a generator seeded by
-(seed, step, slot), never from the global state: that differs by rank and is not restored per rank.
+Nothing in a training step draws from the global RNGs, whose states the checkpoint keeps for rank 0 only:
+the model trains without dropout (model.dropout=0), every batch comes from its own (seed, step, slot)
+generator, and the sample at the end has its own. Randomness added to a step (dropout > 0, sampling in the
+loop) must come from a generator seeded by (seed, step, slot) too, never the global state: every rank
+restores rank 0's, and how many draws a step takes from it follows the accumulation, so a resume on another
+world size would diverge.
 """
 
 from __future__ import annotations

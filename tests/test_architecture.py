@@ -28,6 +28,7 @@ LAYERS = [
     },
     {"greenrun.smoke"},
     {"greenrun.job", "greenrun.report"},  # report reads what a job wrote (runs.py for an s3:// run)
+    {"greenrun.launch"},  # several processes of one job through torch's launcher; each worker runs job.py
     {"greenrun.cli", "greenrun.__main__"},
 ]
 

@@ -34,9 +34,13 @@ def test_torchrun_two_processes(tiny, tmp_path):
     assert r.stdout.count("greenrun summary") == 1
 
 
-def test_resume_with_another_world_size_is_refused(tiny, tmp_path):
+def test_resume_with_another_world_size_keeps_the_global_batch(tiny, tmp_path):
+    # Elastic resume (tests/test_elastic.py compares the losses): 2 x 4 x accumulation 1 goes on as 1 x 4 x 2.
     run_dir = tmp_path / "ddp2"
     torchrun_train(*tiny, "trainer.max_steps=4", "trainer.stop_at_step=2", f"run.dir={run_dir}")
     r = run_cli("resume", str(run_dir))
-    assert r.returncode == 2
-    assert "written by 2 process(es), resuming with 1" in r.stderr and "allow_config_change=true" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "resuming on 1 process with accumulation 2: the same 8-sequence global batch" in r.stdout
+    manifest = checkpoint.read_manifest(checkpoint.step_dir(run_dir / "checkpoints", 4))
+    assert (manifest["world_size"], manifest["grad_accum_steps"], manifest["micro_batch_size"]) == (1, 2, 4)
+    assert "grad_accum_steps: 2" in (run_dir / "config.yaml").read_text()
