@@ -21,6 +21,7 @@ LAYERS = [
         "greenrun.trainer",
         "greenrun.trainer_state",
         "greenrun.accounting",
+        "greenrun.elastic",
         "greenrun.runs",
         "greenrun.fit",
         "greenrun.history",

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from greenrun import job
+from greenrun import elastic
 from greenrun.config import Config, ConfigError
 from greenrun.data.dataset import Dataset, global_slot
 from greenrun.train import curriculum
@@ -149,29 +149,29 @@ def _manifest(micro: int, accum: int, world: int) -> dict:
 )
 def test_the_accumulation_keeps_the_global_batch(written, world, accum, expect):
     saved = _split(4, accum)
-    cfg, as_written = job.keep_global_batch(saved, saved, _manifest(4, accum, written), world, "ckpt")
+    cfg, as_written = elastic.keep_global_batch(saved, saved, _manifest(4, accum, written), world, "ckpt")
     assert (cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps) == (4, expect)
     assert as_written == saved  # what the checkpoint's config hash covers
 
 
 def test_an_override_that_keeps_the_global_batch_is_taken_and_one_that_does_not_is_left_to_the_maths_check():
     saved = _split(4, 1)
-    kept, as_written = job.keep_global_batch(saved, _split(2, 1), _manifest(4, 1, 1), 2, "ckpt")
+    kept, as_written = elastic.keep_global_batch(saved, _split(2, 1), _manifest(4, 1, 1), 2, "ckpt")
     assert kept == _split(2, 1) and as_written == saved
-    bigger, as_written = job.keep_global_batch(saved, _split(4, 2), _manifest(4, 1, 1), 2, "ckpt")
+    bigger, as_written = elastic.keep_global_batch(saved, _split(4, 2), _manifest(4, 1, 1), 2, "ckpt")
     assert bigger == _split(4, 2) and as_written is None
 
 
 def test_auto_keeps_the_saved_probed_split():
     saved = _split(6, 2)
-    cfg, _ = job.keep_global_batch(saved, _split("auto", 1), _manifest(6, 2, 1), 2, "ckpt")
+    cfg, _ = elastic.keep_global_batch(saved, _split("auto", 1), _manifest(6, 2, 1), 2, "ckpt")
     assert (cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps) == (6, 1)
 
 
 def test_a_split_that_does_not_fit_names_the_arithmetic_and_the_fixes():
     saved = _split(4, 1)
     with pytest.raises(ConfigError) as e:
-        job.keep_global_batch(saved, saved, _manifest(4, 1, 2), 3, "step-00000003")
+        elastic.keep_global_batch(saved, saved, _manifest(4, 1, 2), 3, "step-00000003")
     (message,) = e.value.problems
     assert (
         "written by 2 processes with micro-batch 4 x accumulation 1, a global batch of 8 sequences" in message
@@ -180,7 +180,7 @@ def test_a_split_that_does_not_fit_names_the_arithmetic_and_the_fixes():
     assert "resume on 1 or 2 processes" in message
     assert "no micro-batch x accumulation on 3 processes makes 8 sequences" in message
     allowed = dataclasses.replace(saved, allow_config_change=True)
-    cfg, as_written = job.keep_global_batch(saved, allowed, _manifest(4, 1, 2), 3, "step-00000003")
+    cfg, as_written = elastic.keep_global_batch(saved, allowed, _manifest(4, 1, 2), 3, "step-00000003")
     assert cfg.trainer.grad_accum_steps == 1 and as_written is None
 
 
