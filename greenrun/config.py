@@ -292,6 +292,8 @@ def _model_problems(m: ModelConfig) -> list[str]:
         problems.append(f"model.vocab_size: a byte-level BPE needs at least 257 tokens, got {m.vocab_size}")
     if not 0.0 <= m.dropout < 1.0:
         problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.pad_logits not in ("mask", "learn"):
+        problems.append(f"model.pad_logits: must be mask or learn, got {m.pad_logits!r}")
     return problems
 
 

@@ -66,6 +66,10 @@ ROWS: dict[str, dict] = {
     "gr_chunk_mb128": gr(128, *BASE, "model.loss_chunk=8192"),
     "ref_liger_mb128": {"kind": "ref", "micro": 128, "bias": True, "loss": "liger"},
     "gr_autotune_mb16": gr(16, *BASE, "trainer.compile_mode=max-autotune-no-cudagraphs"),
+    "gr_learn_mb16": gr(16, *BASE, "model.pad_logits=learn"),
+    "gr_learn_mb64": gr(64, *BASE, "model.pad_logits=learn"),
+    "gr_learn_mb128": gr(128, *BASE, "model.pad_logits=learn"),
+    "gr_fp8head_learn_mb64": gr(64, "precision=fp8", "precision.fp8.lm_head=true", "model.pad_logits=learn"),
 }
 for mb in (8, 24, 32, 48, 96):
     ROWS[f"gr_nobias_mb{mb}"] = gr(mb, *NOBIAS)
@@ -75,6 +79,7 @@ CURVES = {  # name -> (overrides, steps): the loss at a fixed token budget (32,7
     "curve_bias": (BASE, 200),
     "curve_nobias": (NOBIAS, 200),
     "curve_nobias_fp8head": (["precision=fp8", "precision.fp8.lm_head=true", "model.bias=false"], 200),
+    "curve_learn": (BASE + ["model.pad_logits=learn"], 200),
 }
 GROUPS = {
     "speed": [
@@ -116,6 +121,28 @@ GROUPS = {
         "gr_autotune_mb16",
     ],  # fmt: skip
     "quality": ["graphs_check", *CURVES, "gr_nobias_mb8"],
+    # Session 19: the padding columns inside the softmax (model.pad_logits=learn, the reference's maths) against
+    # the mask, at 16, 64 and 128; the fused loss of Liger at 128 beside greenrun's chunked one.
+    "pad": [
+        "hf_compile_mb16",
+        "ref_mb16",
+        "gr_mb16",
+        "gr_learn_mb16",
+        "ref_mb64",
+        "gr_mb64",
+        "gr_learn_mb64",
+        "gr_fp8head_learn_mb64",
+        "ref_liger_mb128",
+        "gr_learn_mb128",
+    ],  # fmt: skip
+    "pad_quality": [
+        "curve_bias",
+        "curve_learn",
+        "curve_nobias",
+        "graphs_check",
+        "gr_mb8",
+        "gr_autotune_mb16",
+    ],
     "final": [
         "ref_nobias_mb16",
         "gr_nobias_mb16",

@@ -132,6 +132,26 @@ def test_padding_mask_equals_slicing_the_logits():
     assert torch.equal(pad_rows, torch.zeros_like(pad_rows))  # no token in idx is a padding id either
 
 
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_pad_logits_learn_is_the_softmax_over_every_row_in_training_only(chunk):
+    # learn: the training loss is nanoGPT's, over all 1024 padded columns, so padding rows get gradient;
+    # eval still masks, so validation losses of both settings are the loss over the real 1000 classes.
+    masked = make_model(vocab_size=1000, n_layer=1, loss_chunk=chunk)
+    learn = make_model(vocab_size=1000, n_layer=1, loss_chunk=chunk, pad_logits="learn")
+    idx, targets = batch(masked.cfg, T=20)
+    _, loss = learn(idx, targets)
+    loss.backward()
+    x = learn.ln_f(learn.h[0](learn.wte(idx) + learn.wpe(torch.arange(20))))
+    full = F.cross_entropy(F.linear(x, learn.wte.weight).reshape(-1, 1024), targets.reshape(-1))
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
+    assert loss > masked(idx, targets)[1]  # the padding columns hold some probability mass
+    assert learn.wte.weight.grad[1000:].abs().sum() > 0
+    learn.eval()
+    masked.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(learn(idx, targets)[1], masked(idx, targets)[1])
+
+
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
 def test_chunked_loss_matches_plain_loss_and_grads(chunk):
     # vocab 1000 pads to 1024 rows, so the padding mask is exercised; some targets are ignored.

@@ -36,6 +36,8 @@ class ModelConfig:
     dropout: float = maths(0.0)  # dropout probability in [0, 1); 0 for pretraining
     bias: bool = maths(True)  # use biases in Linear and LayerNorm layers, as GPT-2 does
     loss_chunk: int = maths(0)  # tokens per chunk of the fused linear + cross-entropy; 0 = plain loss
+    # learn = nanoGPT's and llm.c's maths, whose never-seen padding classes learn to be small; eval always masks.
+    pad_logits: str = maths("mask")  # padding columns in the training loss: mask (-inf) | learn (softmax)
 
     @property
     def padded_vocab(self) -> int:
@@ -67,6 +69,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int, chunk: int):
+        # vocab_size = weight rows means no column is masked (pad_logits=learn).
         n_valid = (targets != -1).sum().clamp(min=1)  # clamp: an all-ignored batch gives loss 0, not NaN
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -263,13 +266,15 @@ class GPT(nn.Module):
         if targets is None:
             logits = F.linear(x[:, [-1], :], self.wte.weight)[..., : cfg.vocab_size]
             return logits, None
+        # learn: the softmax runs over every padded column; evaluation still masks them.
+        classes = self.wte.weight.shape[0] if cfg.pad_logits == "learn" and self.training else cfg.vocab_size
         if cfg.loss_chunk > 0:
             loss = chunked_cross_entropy(
-                x.reshape(B * T, -1), self.wte.weight, targets.reshape(-1), cfg.vocab_size, cfg.loss_chunk
+                x.reshape(B * T, -1), self.wte.weight, targets.reshape(-1), classes, cfg.loss_chunk
             )
             return None, loss
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
-        return None, padded_cross_entropy(logits, targets, cfg.vocab_size)
+        return None, padded_cross_entropy(logits, targets, classes)
 
 
 def padded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
