@@ -1,4 +1,4 @@
-"""`greenrun train|smoke|plan|resume|archive|report`. Hydra composes; the DictConfig stops here.
+"""`greenrun train|smoke|plan|resume|archive|report|export|sample`. Hydra composes; the DictConfig stops here.
 
 Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
 """
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("greenrun")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("train", "smoke", "plan", "resume", "archive", "report")
+COMMANDS = ("train", "smoke", "plan", "resume", "archive", "report", "export", "sample")
 # Hydra flags that take a value: their value is not an override.
 VALUE_FLAGS = {
     "--cfg",
@@ -49,6 +49,11 @@ commands:
   report RUN_DIR|s3://B/P/RUN [RUN_DIR ...] [out=PATH] [storage.*=...]
                                    a summary table here and one HTML file (figures, kWh, kgCO2e, $, equivalents);
                                    default RUN_DIR/report.html for one run, else ./report.html
+  export RUN_DIR|s3://B/P/RUN [--format hf|safetensors] [--dtype bf16|fp16|fp32] [--out DIR] [--step N]
+                                   a checkpoint's weights for other tools: a transformers GPT2LMHeadModel
+                                   directory with the run's tokenizer (hf, the default), or model-only safetensors
+  sample RUN_DIR|s3://B/P/RUN ["PROMPT"] [max_new_tokens=N] [temperature=0.8] [top_k=50] [seed=N] [step=N]
+                                   text from the newest valid checkpoint (or step=N); the same seed, the same text
 
 examples:
   greenrun train                               the tiny model on the bundled corpus (CPU, a few minutes)
@@ -58,6 +63,9 @@ examples:
   greenrun train --cfg job                     print the composed config and exit
   greenrun train --help                        every config group, option and key
   greenrun report runs/a runs/b out=ab.html    two runs side by side
+  greenrun export runs/a --dtype fp32          runs/a/export/hf-step-N-fp32/, for AutoModelForCausalLM
+  greenrun sample runs/a "def " seed=1         text from runs/a's newest checkpoint
+  greenrun train logger=[jsonl,tensorboard]    metrics.jsonl and RUN_DIR/tensorboard/ (also: mlflow, wandb)
   greenrun plan budget.dollars=50 energy.usd_per_gpu_hour=2.5   what $50 trains at $2.50 per GPU-hour
 """
 
@@ -106,7 +114,12 @@ def _main(argv: list[str]) -> int:
             f"unknown command '{command}'" + (f"; did you mean '{near}'?" if near else "") + "\n" + USAGE
         )
     if "-h" in rest or "--help" in rest:
-        output.say(USAGE if command == "report" else help_text(command))
+        if command in ("export", "sample"):
+            from greenrun.interop import options  # the arguments and their help, without torch
+
+            output.say(options.HELP[command])
+        else:
+            output.say(USAGE if command == "report" else help_text(command))
         return EXIT_OK
     if command == "report":  # reads files only: it needs neither torch nor the job machinery
         return _report(rest)
@@ -117,6 +130,8 @@ def _main(argv: list[str]) -> int:
         return _finish(job.guarded(lambda: _resume(rest)))
     if command == "archive":
         return _finish(job.guarded(lambda: _archive(rest)))
+    if command in ("export", "sample"):
+        return _finish(job.guarded(lambda: _model_out(command, rest)))
     return _compose_and_run(command, rest)
 
 
@@ -301,6 +316,25 @@ def _archive(args: list[str]) -> job.JobResult:
         raise config.ConfigError([f"older_than_days={opts['older_than_days']}: not a number"]) from None
     storage_overrides = [a for a in args if a.startswith("storage.")]
     return job.archive(positional[0], days, opts["storage_class"], storage_overrides)
+
+
+def _model_out(command: str, args: list[str]) -> job.JobResult:
+    """`greenrun export` and `greenrun sample`: a run's model out (greenrun.interop)."""
+    from greenrun import job
+    from greenrun.interop import options
+
+    if command == "export":
+        from greenrun.interop import export
+
+        target, chosen, overrides = options.export_args(args)
+        export.export(target, chosen, overrides)
+    else:
+        from greenrun.interop import sampling
+
+        target, prompt, picked, overrides = options.sample_args(args)
+        text, _ = sampling.sample(target, prompt, picked, overrides)
+        output.say(text)
+    return job.JobResult(job.Outcome.OK)
 
 
 def _report(args: list[str]) -> int:

@@ -26,6 +26,7 @@ LAYERS = [
         "greenrun.fit",
         "greenrun.history",
         "greenrun.plan",
+        "greenrun.interop",  # a run's model out: the trainer samples through it, export and sample read runs
     },
     {"greenrun.smoke"},
     {"greenrun.job", "greenrun.report"},  # report reads what a job wrote (runs.py for an s3:// run)

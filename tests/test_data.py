@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from greenrun import data
-from greenrun.data import DataConfig, DataError, build, cache, sources
+from greenrun.data import DataConfig, DataError, build, cache, shards, sources, tokenizer
 
 
 def _write_corpus(root: Path, n_files: int = 3, lines: int = 300, salt: str = "") -> Path:
@@ -42,13 +42,13 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> data.Dataset:
 
 def _count_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = cache._train_tokenizer
+    real = tokenizer.Bpe.train
 
-    def counting(texts, vocab_size):
+    def counting(self, cfg, texts, vocab_size):
         calls.append(vocab_size)
-        return real(texts, vocab_size)
+        return real(self, cfg, texts, vocab_size)
 
-    monkeypatch.setattr(cache, "_train_tokenizer", counting)
+    monkeypatch.setattr(tokenizer.Bpe, "train", counting)
     return calls
 
 
@@ -105,8 +105,8 @@ def test_windows_never_cross_a_shard_end_and_shards_hold_the_whole_stream(ds: da
 def test_long_documents_are_encoded_in_pieces_without_losing_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cache, "_PIECE_CHARS", 500)  # forces every document into many pieces
-    monkeypatch.setattr(cache, "_BATCH_CHARS", 1_200)
+    monkeypatch.setattr(shards, "_PIECE_CHARS", 500)  # forces every document into many pieces
+    monkeypatch.setattr(shards, "_BATCH_CHARS", 1_200)
     corpus = _write_corpus(tmp_path / "corpus", n_files=2, lines=120)
     ds = build(_cfg(tmp_path, corpus, max_chars=6_000), 300)
     stream = np.concatenate([np.asarray(s) for s in ds.shards["train"] + ds.shards["val"]])
@@ -130,15 +130,15 @@ def test_batch_is_fast(ds: data.Dataset) -> None:
 def test_second_build_reuses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(tmp_path, _write_corpus(tmp_path / "corpus"))
     first = build(cfg, 300)
-    mtime = (first.cache_path / "train-00000.bin").stat().st_mtime_ns
+    mtime = (first.cache_path / "shard-00000.bin").stat().st_mtime_ns
 
     def no_training(*_):
         raise AssertionError("the tokenizer was retrained although the cache is complete")
 
-    monkeypatch.setattr(cache, "_train_tokenizer", no_training)
+    monkeypatch.setattr(tokenizer.Bpe, "train", no_training)
     second = build(cfg, 300)
     assert (second.cache_key, second.cache_path) == (first.cache_key, first.cache_path)
-    assert (second.cache_path / "train-00000.bin").stat().st_mtime_ns == mtime
+    assert (second.cache_path / "shard-00000.bin").stat().st_mtime_ns == mtime
     assert second.cache_path.name == first.cache_key[:16]
 
 
@@ -161,7 +161,7 @@ def test_cache_without_meta_json_is_rebuilt(tmp_path: Path, monkeypatch: pytest.
     meta = json.loads((first.cache_path / "meta.json").read_text())
     assert meta["train_tokens"] == first.train_tokens and meta["key"] == first.cache_key
     (first.cache_path / "meta.json").unlink()
-    (first.cache_path / "train-00000.bin").write_bytes(b"\0")  # what a crash might leave behind
+    (first.cache_path / "shard-00000.bin").write_bytes(b"\0")  # what a crash might leave behind
     calls = _count_training(monkeypatch)
     again = build(cfg, 300)
     assert calls == [300]
@@ -177,13 +177,15 @@ def test_crash_mid_build_leaves_nothing_that_looks_complete(
     def crash(*_):
         raise RuntimeError("simulated crash while encoding")
 
-    real = cache._encode_stream
-    monkeypatch.setattr(cache, "_encode_stream", crash)
+    real = shards._ids
+    monkeypatch.setattr(shards, "_ids", crash)
     with pytest.raises(RuntimeError):
         build(cfg, 300)
     cache_dir = tmp_path / "cache"
-    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
-    monkeypatch.setattr(cache, "_encode_stream", real)
+    # The shard store may keep finished shards for the next build; no cache and no shard is half there.
+    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == ["shards"]
+    assert list((cache_dir / "shards").iterdir()) == []
+    monkeypatch.setattr(shards, "_ids", real)
     assert build(cfg, 300).train_tokens > 0
 
 
@@ -210,7 +212,7 @@ def test_concurrent_builders_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert all(isinstance(r, data.Dataset) for r in results), results
     assert len({r.cache_path for r in results}) == 1
     entries = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
-    assert entries == [results[0].cache_path.name]
+    assert sorted(entries) == sorted([results[0].cache_path.name, "shards"])
     batches = [r.batch("train", 3, 0, 2, 16, 0)[0] for r in results]
     assert all(torch.equal(b, batches[0]) for b in batches)
 
@@ -219,7 +221,8 @@ def test_concurrent_builders_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_token_dtype_follows_vocab_size(tmp_path: Path, vocab: int, dtype: str, itemsize: int) -> None:
     ds = build(_cfg(tmp_path, _write_corpus(tmp_path / "corpus", n_files=1, lines=100)), vocab)
     assert ds.meta["dtype"] == dtype
-    assert (ds.cache_path / "train-00000.bin").stat().st_size == ds.train_tokens * itemsize
+    size = (ds.cache_path / "shard-00000.bin").stat().st_size
+    assert size == (ds.train_tokens + ds.val_tokens) * itemsize
     assert ds.vocab_size <= vocab  # a small corpus runs out of merges before a large target
 
 

@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from greenrun.ckpt import checkpoint, retention
 from greenrun.ckpt.checkpoint import CheckpointError
+from greenrun.data import index as data_index
 from greenrun.storage import ObjectNotFound, Storage, StorageError, check_key
 
 log = logging.getLogger("greenrun.ckpt.remote")
@@ -234,19 +233,8 @@ class RemoteReader:
 
 def _cache_problem(tmp: Path, meta_bytes: bytes) -> str | None:
     """Why the downloaded token cache in tmp does not match its meta.json, or None."""
-    if not (tmp / "tokenizer.json").is_file():
-        return "tokenizer.json is missing"
     try:
         meta = json.loads(meta_bytes)
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        shards = {
-            f"{split}-{i:05d}.bin": n * itemsize
-            for split, ns in meta["shards"].items()
-            for i, n in enumerate(ns)
-        }
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except ValueError:
         return "meta.json is malformed"
-    for name, size in shards.items():
-        if not (tmp / name).is_file() or (tmp / name).stat().st_size != size:
-            return f"{name} is missing or not {size} bytes"
-    return None
+    return data_index.problem(tmp, meta, check_sha256=True)

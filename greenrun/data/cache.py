@@ -1,8 +1,10 @@
-"""The token cache: train a byte-level BPE on the corpus, encode it into shards, publish it atomically.
+"""The token cache: records -> dedup -> tokenizer -> token shards (in parallel) -> an index, published atomically.
 
-The expensive part runs once and is cached under `<cache_dir>/<key[:16]>/`, where the key hashes the
-corpus text and every setting that changes the bytes on disk. meta.json is written last: its presence
-marks a complete cache, and builders (torchrun ranks) serialise on a lock, then rename into place.
+A complete cache is `<cache_dir>/<key[:16]>/`: tokenizer.json, shard-NNNNN.bin (hard links to the shard
+store, shards.py) and meta.json, the index (index.py), written last: its presence marks the cache complete.
+The key hashes the corpus text and every setting that changes the tokens or how they are cut; builders
+(torchrun ranks) serialise on a lock, build in a temp dir and rename it into place. With data.cache_url a
+cache missing here is first looked for in the bucket, and one built here is uploaded (s3cache.py).
 
 Window scores for curriculum=difficulty live beside the shards (`cached_scores`): scores-<name>.npy plus a
 JSON file written after it that marks it complete. Both are plain data: loading them never runs code.
@@ -13,140 +15,200 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
+import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-from greenrun.core.fs import atomic_write
+from greenrun.core.fs import TMP_PREFIX, atomic_write
+from greenrun.data import dedup, index, s3cache, shards, sources, tokenizer
 from greenrun.data.dataset import Dataset
-from greenrun.data.sources import DataConfig, DataError, Doc, documents, iter_texts, validate
+from greenrun.data.shards import Plan
+from greenrun.data.sources import CORPUS_KEYS, SOURCES, DataConfig, DataError, Source
+from greenrun.data.tokenizer import EOT
 
 try:
     import fcntl
 except ImportError:  # Windows: the atomic rename alone still keeps the cache consistent
     fcntl = None
 
-FORMAT_VERSION = 3  # bump when the layout or text -> tokens changes, so old caches miss
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 3  # bump when text -> tokens changes, so old caches miss (the layout is index.LAYOUT)
 SCORES_VERSION = 1  # bump when a window score or the tiling changes, so old score files miss
-EOT = "<|endoftext|>"
-_PIECE_CHARS = 1_000_000  # longest text handed to the tokenizer at once
-_BATCH_CHARS = 4_000_000  # text per encode_batch call: enough to keep every core busy
+_STALE_S = 86_400  # temp files and build dirs older than this belong to a build that was killed
 
 
-def _cache_key(cfg: DataConfig, vocab_size: int, docs: list[Doc]) -> tuple[str, dict]:
-    text_hash, names = hashlib.sha256(), []
-    n_chars = 0
-    for doc, text in iter_texts(docs, cfg.max_chars, cfg.encoding, cfg.encoding_errors):
-        data = text.encode("utf-8")
-        # Length-prefixed, so ("ab", "c") and ("a", "bc") hash differently.
-        text_hash.update(f"{doc.rel}\0{len(data)}\0".encode() + data)
-        names.append(doc.rel)
-        n_chars += len(text)
-    if not names:
+def validate(cfg: DataConfig, need_corpus: bool = True) -> list[str]:
+    """Every problem with cfg that can be seen without reading the corpus. need_corpus=False: a resume whose
+    token cache is here, where the corpus and tokenizer locations are not needed."""
+    problems = sources.validate(cfg) + tokenizer.problems(cfg) + dedup.problems(cfg) + s3cache.problems(cfg)
+    return [p for p in problems if need_corpus or not p.startswith(CORPUS_KEYS)]
+
+
+def _cache_key(cfg: DataConfig, vocab_size: int, content: str, fixed: Tokenizer | None) -> str:
+    # The first eight entries are the key of every cache built before the other settings existed: left
+    # at their defaults, those caches (and the checkpoints that name them) keep their keys.
+    vocab = vocab_size if fixed is None else 0  # a fixed tokenizer's ids do not depend on the model
+    settings: list = [FORMAT_VERSION, tokenizers.__version__, cfg.source, cfg.max_chars, vocab]
+    settings += [cfg.val_fraction, cfg.shard_tokens, content]
+    extras: dict = {}
+    if fixed is not None:
+        extras["tokenizer"] = [cfg.tokenizer, tokenizer.digest(fixed)]
+    if cfg.eot_token != EOT:
+        extras["eot"] = cfg.eot_token
+    if cfg.dedup != "none":
+        extras["dedup"] = [cfg.dedup]
+        if cfg.dedup == "near":
+            extras["dedup"] += [cfg.dedup_threshold, cfg.dedup_num_perm, cfg.dedup_shingle, dedup.SEED]
+    if extras:
+        settings.append(extras)
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+
+
+def _plan(cfg: DataConfig, source: Source) -> Plan:
+    plan = shards.plan(sources.records(cfg, source), cfg.group_bytes)
+    if not plan.documents:
+        raise DataError(source.empty(cfg))
+    return plan
+
+
+def _check_vocab(cfg: DataConfig, tok: Tokenizer, vocab_size: int) -> None:
+    need = tokenizer.id_space(tok)
+    if vocab_size < need:
+        padded = -(-need // 64) * 64
         raise DataError(
-            f"data.paths {list(cfg.paths)}: all {len(docs)} matched files are empty — point data.paths "
-            "at files with text, or use data=stdlib for the bundled corpus"
+            f"model.vocab_size={vocab_size} is smaller than the {need:,} ids of data.tokenizer={cfg.tokenizer}: "
+            f"set model.vocab_size={need} or more (e.g. {padded}, a multiple of 64)"
         )
-    settings = [FORMAT_VERSION, tokenizers.__version__, cfg.source, cfg.max_chars, vocab_size]
-    settings += [cfg.val_fraction, cfg.shard_tokens, text_hash.hexdigest()]
-    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
-    summary = {"source": cfg.source, "paths": list(cfg.paths), "documents": len(names), "chars": n_chars}
-    return key, summary | {"first": names[0], "last": names[-1]}
 
 
-def _train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte, so no text is ever out of vocabulary
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+def _kept_texts(cfg: DataConfig, source: Source, kept: np.ndarray) -> Iterator[str]:
+    for i, (_, text) in enumerate(sources.records(cfg, source)):
+        if kept[i]:
+            for piece, _ in shards.pieces(text):
+                yield piece
 
 
-def _batches(docs: list[Doc], cfg: DataConfig) -> Iterator[list[tuple[str, bool]]]:
-    """Lists of (piece, ends_document), ~_BATCH_CHARS of text each. Long documents are cut at
-    newlines so that one huge file is never tokenized in one go: memory stays bounded."""
-    batch, chars = [], 0
-    for _, text in iter_texts(docs, cfg.max_chars, cfg.encoding, cfg.encoding_errors):
-        start = 0
-        while start < len(text):
-            end = len(text)
-            if end - start > _PIECE_CHARS:
-                end = text.rfind("\n", start, start + _PIECE_CHARS) + 1 or start + _PIECE_CHARS
-            batch.append((text[start:end], end == len(text)))
-            chars, start = chars + end - start, end
-            if chars >= _BATCH_CHARS:
-                yield batch
-                batch, chars = [], 0
-    if batch:
-        yield batch
+def _names(cfg: DataConfig, source: Source, positions: list[int]) -> dict[int, str]:
+    """The record names at `positions` (dedup's examples), read again up to the last one; a streamed
+    corpus is not streamed again for them."""
+    if not positions or source.identity(cfg) is not None:
+        return {}
+    wanted = set(positions)
+    found = islice(enumerate(sources.records(cfg, source)), max(positions) + 1)
+    return {i: name for i, (name, _) in found if i in wanted}
 
 
-def _encode_stream(tok: Tokenizer, batches: Iterator[list], path: Path, dtype: np.dtype) -> int:
-    """Write every document's tokens, each followed by EOT (GPT-2 style), to one raw file."""
-    eot, total = np.array([tok.token_to_id(EOT)], dtype=dtype), 0
-    with open(path, "wb") as fh:
-        for batch in batches:
-            encoded = tok.encode_batch_fast([piece for piece, _ in batch], add_special_tokens=False)
-            for enc, (_, ends_doc) in zip(encoded, batch, strict=True):
-                ids = np.concatenate([enc.ids, eot] if ends_doc else [enc.ids]).astype(dtype)
-                ids.tofile(fh)
-                total += ids.size
-    return total
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the store's file itself: no copy, no second disk's worth of tokens
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _build_into(
-    tmp: Path, cfg: DataConfig, vocab_size: int, docs: list[Doc], key: str, summary: dict
+    tmp: Path,
+    cfg: DataConfig,
+    source: Source,
+    vocab_size: int,
+    plan: Plan | None,
+    key: str,
+    fixed: Tokenizer | None,
 ) -> None:
     t0 = time.perf_counter()
-    pieces = (piece for batch in _batches(docs, cfg) for piece, _ in batch)
-    tok = _train_tokenizer(pieces, vocab_size)
+    plan = plan or _plan(cfg, source)
+    store = Path(os.path.expanduser(cfg.cache_dir)) / "shards"
+    store.mkdir(parents=True, exist_ok=True)
+    _sweep(store, TMP_PREFIX)
+    kept, report = dedup.keep(cfg, plan, lambda: sources.records(cfg, source), store)
+    positions = [e[k] for e in report.examples for k in ("removed", "kept")]
+    dedup.name_examples(report, _names(cfg, source, positions))
+    if cfg.dedup != "none":
+        log.info(report.line())
+    tok = fixed or tokenizer.option(cfg).train(cfg, _kept_texts(cfg, source, kept), vocab_size)
     tok.save(str(tmp / "tokenizer.json"))
-    dtype = np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
-    total = _encode_stream(tok, _batches(docs, cfg), tmp / "stream.bin", dtype)
-    n_val = math.ceil(total * cfg.val_fraction)  # the tail, so val text is never seen in training
-    if total - n_val < 1:
+    eot = tokenizer.eot_id(tok, cfg)
+    dtype = shards.token_dtype(vocab_size if fixed is None else tokenizer.id_space(tok))
+    digest = tokenizer.digest(tok)
+    names = {
+        g.index: shards.shard_name(digest, dtype, g, kept[g.first : g.first + g.count])
+        for g in plan.groups
+        if kept[g.first : g.first + g.count].any()
+    }
+    have = {i: info for i, name in names.items() if (info := shards.stored(store, name, dtype)) is not None}
+    todo = set(names) - set(have)
+
+    def jobs() -> Iterator[tuple[int, int, tuple]]:
+        for g, batch in shards.grouped(sources.records(cfg, source), plan, todo):
+            texts = [text for (_, text), k in zip(batch, kept[g.first : g.first + g.count], strict=True) if k]
+            yield g.index, g.nbytes, (texts, str(store), names[g.index])
+
+    workers = shards.worker_count(cfg.workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    setup = (tok.to_str(), cfg.eot_token, cfg.tokenizer == "bytes", dtype.str, threads)
+    progress = shards.Progress("data: tokenising", sum(plan.groups[i].nbytes for i in todo))
+    try:
+        built = shards.run(shards.encode_group, jobs(), workers, progress, shards.init_encoder, setup)
+    finally:
+        seconds = progress.close()
+    files = []
+    for i in sorted(names):
+        g, info = plan.groups[i], (have | built)[i]
+        name = index.shard_file(len(files))
+        _link(store / f"{names[i]}.bin", tmp / name)
+        files.append({"name": name, "tokens": info["tokens"], "sha256": info["sha256"], "group": i})
+        files[-1] |= {"documents": info["documents"], "records": g.count, "fingerprint": g.fingerprint}
+        files[-1] |= {"store": names[i], "built": i in built}
+    total = sum(f["tokens"] for f in files)
+    train, val, segments = index.split_segments(
+        [f["tokens"] for f in files], cfg.val_fraction, cfg.shard_tokens
+    )
+    if train < 1:
         raise DataError(f"corpus too small: {total} tokens — add text or raise data.max_chars")
-    stream = np.memmap(tmp / "stream.bin", dtype=dtype, mode="r")
-    shards: dict[str, list[int]] = {"train": [], "val": []}
-    for split, lo, hi in (("train", 0, total - n_val), ("val", total - n_val, total)):
-        for start in range(lo, hi, cfg.shard_tokens):
-            part = stream[start : min(start + cfg.shard_tokens, hi)]
-            with open(tmp / f"{split}-{len(shards[split]):05d}.bin", "wb") as fh:
-                part.tofile(fh)
-                os.fsync(fh.fileno())  # data must be durable before the marker below can exist
-            shards[split].append(int(part.size))
-    del stream
-    (tmp / "stream.bin").unlink()
+    new_tokens = sum(built[i]["tokens"] for i in built)
     meta = {
         "format_version": FORMAT_VERSION,
+        "layout": index.LAYOUT,
         "key": key,
         "dtype": dtype.name,
-        "vocab_size": tok.get_vocab_size(),
+        "vocab_size": tok.get_vocab_size() if fixed is None else tokenizer.id_space(tok),
         "requested_vocab_size": vocab_size,
-        "eot_id": tok.token_to_id(EOT),
-        "train_tokens": total - n_val,
-        "val_tokens": n_val,
-        "shards": shards,
+        "eot_id": eot,
+        "train_tokens": train,
+        "val_tokens": val,
+        "files": files,
+        "segments": segments,
+        "shards": {split: [sum(n for _, _, n in seg) for seg in segs] for split, segs in segments.items()},
+        "tokenizer": {"kind": cfg.tokenizer, "sha256": digest, "sha256_file": index.sha256_of(tmp / "tokenizer.json")},
+        "dedup": report.as_dict(),
         "config": {k: getattr(cfg, k) for k in ("max_chars", "val_fraction", "shard_tokens")},
-        "sources": summary,
+        "sources": _summary(cfg, plan),
+        "build": {"tokenized": sorted(built), "reused": len(have), "workers": workers, "tokens": new_tokens,
+                  "tokens_per_s": round(new_tokens / max(seconds, 1e-9))},
         "build_seconds": round(time.perf_counter() - t0, 3),
-    }
+    }  # fmt: skip
+    log.info(
+        f"data: tokenised {len(built)} of {len(files)} shards ({len(have)} reused) into {total:,} tokens"
+        + (f", {new_tokens / max(seconds, 1e-9):,.0f} tokens/s with {workers} worker(s)" if built else "")
+    )
     with open(tmp / "meta.json", "w") as fh:  # written last: its presence marks a complete cache
         json.dump(meta, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _summary(cfg: DataConfig, plan: Plan) -> dict:
+    where = {"name": cfg.name, "split": cfg.split} if cfg.source == "hf" else {}
+    return {"source": cfg.source, "paths": list(cfg.paths), **where, **plan.summary}
 
 
 def _is_complete(path: Path, key: str) -> bool:
@@ -166,10 +228,20 @@ def _lock(path: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
+def _sweep(folder: Path, prefix: str) -> None:
+    """Remove what killed builds left in `folder`: entries named `prefix`... older than _STALE_S."""
+    cutoff = time.time() - _STALE_S
+    for path in folder.glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            if path.lstat().st_mtime < cutoff:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _publish(final: Path, key: str, fill: Callable[[Path], None]) -> None:
     """Fill a private temp dir, then rename it into place: readers never see a half-built cache."""
     if final.exists():  # no valid meta.json: a deleted marker, a partial copy, a key collision
         shutil.rmtree(final, ignore_errors=True)
+    _sweep(final.parent, ".build-")
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
     try:
         fill(tmp)
@@ -183,24 +255,36 @@ def _publish(final: Path, key: str, fill: Callable[[Path], None]) -> None:
 
 
 def build(cfg: DataConfig, vocab_size: int, *, seq_len: int = 0) -> Dataset:
-    """The dataset for cfg, built and cached on first use.
+    """The dataset for cfg, built and cached on first use (or fetched from data.cache_url).
 
     With seq_len > 0, a split too small for one window of seq_len + 1 tokens fails here, before training.
     """
     problems = validate(cfg)
-    if vocab_size < 257:
+    trains = not problems and tokenizer.option(cfg).trains
+    if trains and vocab_size < 257:
         problems.append(f"vocab_size: a byte-level BPE needs >= 257 (256 bytes + EOT), got {vocab_size}")
     if problems:
         raise DataError("\n".join(problems))
-    docs = documents(cfg)
-    key, summary = _cache_key(cfg, vocab_size, docs)
+    fixed = None if trains else tokenizer.option(cfg).load(cfg)
+    if fixed is not None:
+        tokenizer.eot_id(fixed, cfg)  # refused now, before the corpus is read, if it lacks the EOT token
+        _check_vocab(cfg, fixed, vocab_size)
+    source = SOURCES.get(cfg.source)()
+    identity = source.identity(cfg)
+    plan = None if identity is not None else _plan(cfg, source)
+    key = _cache_key(cfg, vocab_size, identity if plan is None else plan.text_hash, fixed)
     final = Path(os.path.expanduser(cfg.cache_dir)) / key[:16]
+    fetched = False
     if not _is_complete(final, key):
         final.parent.mkdir(parents=True, exist_ok=True)
         with _lock(final.parent / f".{final.name}.lock"):
             if not _is_complete(final, key):
-                _publish(final, key, lambda tmp: _build_into(tmp, cfg, vocab_size, docs, key, summary))
+                fetched = bool(cfg.cache_url) and s3cache.fetch(cfg, key, final)
+            if not _is_complete(final, key):
+                _publish(final, key, lambda tmp: _build_into(tmp, cfg, source, vocab_size, plan, key, fixed))
     dataset = Dataset(final)
+    if cfg.cache_url and not fetched:
+        s3cache.push(cfg, dataset)
     if seq_len > 0:
         dataset.check_fits(seq_len)
     return dataset

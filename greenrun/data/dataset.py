@@ -10,16 +10,21 @@ For curriculum=difficulty the train split is also cut into a fixed tiling of win
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
+from greenrun.data import index
 from greenrun.data.sources import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLIT_IDS = {"train": 0, "val": 1}  # part of every batch's seed, so the two splits never share one
 
@@ -48,8 +53,53 @@ def global_slot(micro: int, rank: int, world: int) -> int:
     return micro * world + rank
 
 
+def _split(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of windows of seq_len + 1 tokens: the targets are the inputs shifted by one.
+
+    The copies are numpy's: torch would spread a copy this size over its intra-op threads, which on a busy
+    machine made one micro-batch take milliseconds instead of microseconds.
+    """
+    import torch  # here, not at the top: tokeniser worker processes import this package, never torch
+
+    return torch.from_numpy(np.ascontiguousarray(rows[:, :-1])), torch.from_numpy(
+        np.ascontiguousarray(rows[:, 1:])
+    )
+
+
+class Joined:
+    """A segment spanning several shard files, read like one array: `len`, slices and np.asarray copy only
+    what a read asks for, and a read inside one file is a view of its memory map."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts]).tolist()
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        first = bisect.bisect_right(self.starts, start) - 1
+        if stop <= self.starts[first + 1]:
+            base = self.starts[first]
+            return self.parts[first][start - base : stop - base : step]
+        reads, at = [], start
+        for i in range(first, len(self.parts)):
+            if at >= stop:
+                break
+            lo, hi = at - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
+            reads.append(self.parts[i][lo:hi])
+            at = self.starts[i] + hi
+        return np.concatenate(reads)[::step]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
+
+
 class Dataset:
-    """A built cache: the tokenizer plus memory-mapped train/val token shards."""
+    """A built cache: the tokenizer plus memory-mapped train/val token segments."""
 
     def __init__(self, path: Path) -> None:
         self.cache_path = Path(path)
@@ -61,13 +111,23 @@ class Dataset:
         self.train_tokens: int = self.meta["train_tokens"]
         self.val_tokens: int = self.meta["val_tokens"]
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.shards: dict[str, list[np.memmap]] = {
-            split: [
-                np.memmap(self.cache_path / f"{split}-{i:05d}.bin", dtype=dtype, mode="r", shape=(n,))
-                for i, n in enumerate(counts)
+        self.shards: dict[str, list[Any]] = {}  # per split, its segments: memory maps (or Joined)
+        if self.meta.get("layout", 1) < index.LAYOUT:
+            self.shards = {
+                split: [
+                    np.memmap(self.cache_path / f"{split}-{i:05d}.bin", dtype=dtype, mode="r", shape=(n,))
+                    for i, n in enumerate(counts)
+                ]
+                for split, counts in self.meta["shards"].items()
+            }
+        else:
+            maps = [
+                np.memmap(self.cache_path / f["name"], dtype=dtype, mode="r", shape=(f["tokens"],))
+                for f in self.meta["files"]
             ]
-            for split, counts in self.meta["shards"].items()
-        }
+            for split, segments in self.meta["segments"].items():
+                views = [[maps[f][o : o + n] for f, o, n in pieces] for pieces in segments]
+                self.shards[split] = [v[0] if len(v) == 1 else Joined(v) for v in views]
         self._index: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self._tiles: dict[int, np.ndarray] = {}
 
@@ -120,8 +180,7 @@ class Dataset:
         rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)
         for i, (s, o) in enumerate(zip(which.tolist(), offsets.tolist(), strict=True)):
             rows[i] = self.shards[split][s][o : o + seq_len + 1]
-        rows_t = torch.from_numpy(rows)
-        return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
+        return _split(rows)
 
     # --- the fixed tiling of the train split (curriculum=difficulty) -----------------------------------
 
@@ -157,8 +216,7 @@ class Dataset:
         """(x, y) as `batch` gives them, but each row a window of the train tiling drawn uniformly from
         `pool` (window ids). A pure function of its arguments, so a resumed run draws the same rows."""
         rng = np.random.default_rng(_slot_seed(seed, "train", step, slot))
-        rows = torch.from_numpy(self.tile_rows(pool[rng.integers(0, len(pool), size=batch_size)], seq_len))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return _split(self.tile_rows(pool[rng.integers(0, len(pool), size=batch_size)], seq_len))
 
     def tile_rows(self, ids: np.ndarray, seq_len: int) -> np.ndarray:
         """The tokens of the windows `ids` of the train tiling: int64 [len(ids), seq_len + 1]."""

@@ -1,7 +1,8 @@
 """The corpus: `data.*` config, the SOURCES registry (one option per data.source) and reading the text.
 
-A source turns the config into documents: files in a fixed order, each with a relative name for the
-cache key. The expensive work on their text (tokenizer, shards) happens in greenrun.data.cache.
+A source turns the config into records: (name, text) pairs in a fixed order, the name relative so that
+moving a corpus keeps its cache. A file is one record (plain text) or many (jsonl, parquet: one per row).
+The expensive work on their text (dedup, tokenizer, shards) happens in greenrun.data.cache.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from pathlib import Path
 from greenrun.core.checks import choice
 from greenrun.core.fields import maths, plain
 from greenrun.core.registry import Registry
+from greenrun.data import formats
 
 log = logging.getLogger(__name__)
 
 ENCODING_ERRORS = ("strict", "replace", "skip")
+FORMATS = ("auto", "text", "jsonl", "parquet")
+DEDUP = ("none", "exact", "near")
+# data.format=auto reads these as rows of records; any other file is one plain-text record.
+_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _SNIFF_BYTES = 8192  # text files have no NUL byte in their first 8 KiB; binaries nearly always do
+_SKIPPED: set[Path] = set()  # files encoding_errors=skip left out, warned about once
 
 
 class DataError(ValueError):
@@ -34,14 +41,31 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = maths("stdlib")  # stdlib (this Python's standard library, no download) | text (data.paths)
-    paths: list[str] = maths(factory=list, local=True)  # files or globs (** recurses) for source=text; ~ ok
+    source: str = maths("stdlib")  # stdlib (this Python's library, no download) | text (data.paths) | hf
+    paths: list[str] = maths(factory=list, local=True)  # files or globs (** recurses) for text or hf; ~ ok
+    format: str = maths("auto")  # auto (.jsonl/.ndjson, .parquet by extension) | text | jsonl | parquet
+    text_field: str = maths("text")  # jsonl, parquet and hf: the field of each record holding its text
+    name: str = maths("", local=True)  # hf: a Hub id, a save_to_disk directory, or json|parquet|text|csv
+    config: str = maths("")  # hf: the dataset's configuration (subset) name; "" = its default
+    split: str = maths("train")  # hf: the split to read, e.g. train or train[:10%]
+    streaming: bool = plain(False)  # hf: iterate the dataset instead of materialising it in the HF cache
     max_chars: int = maths(4_000_000)  # cap on corpus characters read (0 = no cap); keeps CPU runs fast
     val_fraction: float = maths(0.05)  # share of tokens held out for validation (the stream tail), in (0, 1)
     cache_dir: str = plain("~/.cache/greenrun", local=True)  # tokens + tokenizer, keyed by text and settings
-    shard_tokens: int = maths(16_777_216)  # tokens per memory-mapped shard; batch windows never cross one
+    cache_url: str = plain("", local=True)  # s3://bucket/prefix sharing built caches ("" = this machine only)
+    cache_endpoint_url: str | None = plain(None, local=True)  # S3-compatible endpoint (MinIO, R2); None = AWS
+    shard_tokens: int = maths(16_777_216)  # tokens per memory-mapped segment; batch windows never cross one
+    group_bytes: int = plain(33_554_432)  # text bytes per token shard file, the unit tokenised and rebuilt
+    workers: int = plain(0)  # tokeniser processes; 0 = one per core (on 3+ cores), 1 = in this process
     encoding: str = maths("utf-8")  # text encoding of the data.paths files, e.g. latin-1 or cp1252
     encoding_errors: str = maths("strict")  # a file that does not decode: strict (refuse) | replace | skip
+    tokenizer: str = maths("bpe")  # bpe (trained here, model.vocab_size ids) | gpt2 | bytes | path
+    tokenizer_path: str = maths("", local=True)  # gpt2: a dir or Hub id ("" = gpt2); path: a tokenizer.json
+    eot_token: str = maths("<|endoftext|>")  # appended after every document; must be in the vocabulary
+    dedup: str = maths("none")  # none | exact (identical text) | near (also MinHash/LSH near-duplicates)
+    dedup_threshold: float = maths(0.8)  # near: Jaccard similarity of shingle sets that drops a later doc
+    dedup_num_perm: int = maths(128)  # near: MinHash permutations; error ~ 1/sqrt(n), 4 bytes/doc each
+    dedup_shingle: int = maths(5)  # near: words per shingle, the unit of the sets Jaccard compares
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,7 @@ class Doc:
 
 
 class Source:
-    """One data.source: the corpus documents, in the order they are read."""
+    """One data.source: the corpus records, in the order they are read."""
 
     sample_prompt = "\n"  # what the end-of-run sample starts from, unless trainer.sample_prompt says
 
@@ -61,14 +85,34 @@ class Source:
         return []
 
     def documents(self, cfg: DataConfig) -> list[Doc]:
+        """The corpus files, in order (a source of files: stdlib, text)."""
         raise NotImplementedError
+
+    def records(self, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+        """(name, text) of every record, in order; empty texts may come too (they are left out later).
+        A build reads the corpus several times (hash, dedup, tokenizer, shards): the files are listed once."""
+        if getattr(self, "_listed", None) is None:
+            self._listed = self.documents(cfg)
+        for doc in self._listed:
+            yield from read_records(doc, cfg)
+
+    def identity(self, cfg: DataConfig) -> str | None:
+        """What names the corpus without reading it, for a source too large to read just to hash it
+        (a streamed dataset); None: the cache key hashes the text itself."""
+        return None
+
+    def empty(self, cfg: DataConfig) -> str:
+        """The message when not one record holds text."""
+        return f"data.source={cfg.source}: no document holds any text"
 
 
 SOURCES: Registry[type[Source]] = Registry("data.source")
+# Keys naming where the corpus and the tokenizer are: a resume whose token cache is here needs neither.
+CORPUS_KEYS = ("data.paths", "data.name", "data.tokenizer_path")
 
 
 def validate(cfg: DataConfig) -> list[str]:
-    """Every problem with cfg that can be seen without reading the corpus."""
+    """Every problem with cfg's corpus settings that can be seen without reading the corpus."""
     problems = SOURCES.problems(cfg.source)
     if not problems:
         problems += SOURCES.get(cfg.source)().problems(cfg)
@@ -78,7 +122,16 @@ def validate(cfg: DataConfig) -> list[str]:
         problems.append(f"data.val_fraction: must be in (0, 1), e.g. 0.05, got {cfg.val_fraction}")
     if cfg.shard_tokens < 2:
         problems.append(f"data.shard_tokens: must be >= 2, got {cfg.shard_tokens}")
+    if cfg.group_bytes < 1:
+        problems.append(f"data.group_bytes: must be >= 1 (text bytes per shard file), got {cfg.group_bytes}")
+    if cfg.workers < 0:
+        problems.append(f"data.workers: must be >= 0 (0 = one per CPU core), got {cfg.workers}")
     problems += choice("data.encoding_errors", cfg.encoding_errors, ENCODING_ERRORS)
+    problems += choice("data.format", cfg.format, FORMATS)
+    if not cfg.text_field:
+        problems.append("data.text_field: empty; name the field holding each record's text, e.g. text")
+    if cfg.streaming and cfg.source != "hf":
+        problems.append(f"data.streaming=true: only data.source=hf streams (data.source={cfg.source})")
     try:
         codecs.lookup(cfg.encoding)
     except LookupError:
@@ -92,8 +145,21 @@ def sample_prompt(cfg: DataConfig) -> str:
 
 
 def documents(cfg: DataConfig) -> list[Doc]:
-    """The corpus documents of cfg's source."""
+    """The corpus files of cfg's source."""
     return SOURCES.get(cfg.source)().documents(cfg)
+
+
+def records(cfg: DataConfig, source: Source | None = None) -> Iterator[tuple[str, str]]:
+    """(name, text) of every non-empty record of cfg's source in order, the last one cut so that the total
+    is at most data.max_chars characters. Pass the same `source` to read a corpus again without listing it."""
+    budget = cfg.max_chars or math.inf
+    for name, text in (source or SOURCES.get(cfg.source)()).records(cfg):
+        text = text[: int(min(len(text), budget))]
+        if text:
+            budget -= len(text)
+            yield name, text
+        if budget <= 0:
+            return
 
 
 # --- data.source=stdlib ----------------------------------------------------------------------------
@@ -214,6 +280,12 @@ class Text(Source):
         base = Path(os.path.commonpath([p.parent for p in ordered]))
         return [Doc(p.relative_to(base).as_posix(), p, found[p]) for p in ordered]
 
+    def empty(self, cfg: DataConfig) -> str:
+        return (
+            f"data.paths {list(cfg.paths)}: all {len(self.documents(cfg))} matched files are empty — point "
+            "data.paths at files with text, or use data=stdlib for the bundled corpus"
+        )
+
 
 # --- reading ---------------------------------------------------------------------------------------
 
@@ -231,7 +303,9 @@ def _decode(doc: Doc, raw: bytes, encoding: str, errors: str) -> str | None:
         if errors == "replace":
             return raw.decode(encoding, errors="replace")
         if errors == "skip":
-            log.warning(f"data.paths[{doc.entry}]: left out {doc.path}: not {encoding} at byte {e.start}")
+            if doc.path not in _SKIPPED:  # once per file, though a build reads the corpus several times
+                _SKIPPED.add(doc.path)
+                log.warning(f"data.paths[{doc.entry}]: left out {doc.path}: not {encoding} at byte {e.start}")
             return None
         raise DataError(
             f"data.paths[{doc.entry}]: {doc.path} is not {encoding} text (byte {e.start}: {e.reason}); set "
@@ -239,35 +313,35 @@ def _decode(doc: Doc, raw: bytes, encoding: str, errors: str) -> str | None:
         ) from None
 
 
-def iter_texts(
-    docs: list[Doc], max_chars: int, encoding: str = "utf-8", errors: str = "strict"
-) -> Iterator[tuple[Doc, str]]:
-    """Non-empty document texts in order, the last one cut so the total is at most max_chars.
+def file_format(doc: Doc, cfg: DataConfig) -> str:
+    """text, jsonl or parquet: data.format, or by the file's extension for auto (the stdlib is text)."""
+    if doc.entry < 0 or cfg.format != "auto":
+        return "text" if doc.entry < 0 else cfg.format
+    return _BY_SUFFIX.get(doc.path.suffix.lower(), "text")
 
-    The stdlib is read as strict UTF-8 and a file that does not decode is left out; data.paths files follow
-    data.encoding and data.encoding_errors.
-    """
-    budget = max_chars or math.inf
-    for doc in docs:
+
+def read_records(doc: Doc, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """A file's records: the whole text of a plain-text file, one per row of a jsonl or parquet file."""
+    kind = file_format(doc, cfg)
+    if kind != "text":
         try:
-            raw = doc.path.read_bytes()
-        except OSError as e:
-            if doc.entry < 0:
-                continue  # a stdlib file that changed since it was listed: leave it out as the listing would
-            raise DataError(f"data.paths[{doc.entry}]: cannot read {doc.path}: {e}") from e
+            for row, text in formats.READERS[kind](doc.path, cfg.text_field):
+                yield f"{doc.rel}:{row}", text
+        except formats.FormatError as e:
+            raise DataError(f"data.paths[{doc.entry}]: {doc.path}: {e}") from None
+        return
+    try:
+        raw = doc.path.read_bytes()
+    except OSError as e:
         if doc.entry < 0:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                continue  # a few stdlib files use legacy encodings; leaving them out keeps the text clean
-        else:
-            decoded = _decode(doc, raw, encoding, errors)
-            if decoded is None:
-                continue
-            text = decoded
-        text = text[: int(min(len(text), budget))]
-        if text:
-            budget -= len(text)
-            yield doc, text
-        if budget <= 0:
-            return
+            return  # a stdlib file that changed since it was listed: leave it out as the listing would
+        raise DataError(f"data.paths[{doc.entry}]: cannot read {doc.path}: {e}") from e
+    if doc.entry < 0:
+        try:
+            text: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None  # a few stdlib files use legacy encodings; leaving them out keeps the text clean
+    else:
+        text = _decode(doc, raw, cfg.encoding, cfg.encoding_errors)
+    if text is not None:
+        yield doc.rel, text
