@@ -23,7 +23,7 @@ from greenrun.core import checks, fields
 from greenrun.core.fields import maths, plain
 from greenrun.core.shipped import conf_dir, recipes_dir
 from greenrun.data import DataConfig
-from greenrun.runtime import budget, energy, profiling, spot, window
+from greenrun.runtime import budget, energy, profiling, sinks, spot, window
 from greenrun.runtime.budget import BudgetConfig
 from greenrun.runtime.energy import EnergyConfig
 from greenrun.runtime.spot import SpotConfig
@@ -34,6 +34,7 @@ from greenrun.train import (
     curriculum,
     early_stopping,
     optimizer,
+    parallel,
     precision,
     schedule,
     target,
@@ -43,6 +44,7 @@ from greenrun.train.curriculum import CurriculumConfig
 from greenrun.train.early_stopping import NONFINITE_MODES, EarlyStoppingConfig
 from greenrun.train.model import ModelConfig
 from greenrun.train.optimizer import OptimizerConfig
+from greenrun.train.parallel import DistributedConfig
 from greenrun.train.precision import PrecisionConfig
 from greenrun.train.schedule import ScheduleConfig
 from greenrun.train.target import SmokeConfig
@@ -121,6 +123,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
@@ -131,6 +134,7 @@ class Config:
     preflight: bool = plain(True)  # run the two-step CPU smoke check before training
     resume: str = plain("never")  # train: never | auto (continue run.dir from its newest valid checkpoint)
     allow_config_change: bool = plain(False)  # resume: accept overrides that change the training math
+    logger: Any = plain("jsonl")  # metric sinks, one or a list: jsonl (always) | tensorboard | mlflow | wandb
 
 
 # --- where the YAML lives -------------------------------------------------------------------------
@@ -248,13 +252,15 @@ def validate(cfg: Config, check_device: bool = True, need_corpus: bool = True) -
     problems += budget.validate(cfg.budget)
     problems += window.validate(cfg.window)
     problems += activation_checkpointing.validate(cfg.activation_checkpointing, cfg.model.n_layer)
-    problems += [p for p in data.validate(cfg.data) if need_corpus or not p.startswith("data.paths")]
+    problems += data.validate(cfg.data, need_corpus=need_corpus)
     problems += storage.validate(cfg.storage)
     problems += spot.validate(cfg.spot)
+    problems += sinks.validate(cfg.logger)
     problems += target.validate(cfg.smoke)
     problems += _model_problems(cfg.model)
     problems += _trainer_problems(cfg)
     problems += early_stopping.validate(cfg.early_stopping)
+    problems += parallel.validate(cfg.distributed, cfg.optimizer.name, cfg.precision.name)
     problems += curriculum.validate(cfg.curriculum, cfg.model.seq_len, cfg.trainer.max_steps)
     if cfg.precision.name == "fp8" and cfg.precision.fp8.lm_head and cfg.model.loss_chunk > 0:
         problems.append(

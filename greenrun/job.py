@@ -196,7 +196,7 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
         summary = {**result, "sample": sample}
         if dist.is_main:
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=1))
-            trainer.final_export()
+        trainer.final_export()  # every rank: under fsdp the weights are gathered, rank 0 writes
         if result["early_stop"]:
             log.info(f"stopped early at step {result['step']}: {result['early_stop']['reason']}")
         if result["window_exit"]:  # a scheduler restarts it later, as after a preemption (exit 75)

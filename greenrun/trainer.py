@@ -14,7 +14,6 @@ world size would diverge.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -25,19 +24,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
 from greenrun import accounting, data
-from greenrun.ckpt import checkpoint
+from greenrun.ckpt import checkpoint, export
 from greenrun.ckpt.pipeline import Checkpointer
 from greenrun.ckpt.uploader import Uploader
 from greenrun.config import CUDA_GRAPH_MODES, Config
 from greenrun.core import fs
 from greenrun.core.output import Reporter
 from greenrun.data.dataset import global_slot
-from greenrun.runtime import distributed, energy, hardware, profiling
+from greenrun.interop.sampling import generate_text
+from greenrun.runtime import distributed, energy, hardware, profiling, sinks
 from greenrun.runtime.spot import PreemptionWatcher
-from greenrun.train import activation_checkpointing, curriculum, early_stopping, model, optimizer, precision
+from greenrun.train import (
+    activation_checkpointing,
+    curriculum,
+    early_stopping,
+    model,
+    optimizer,
+    parallel,
+    precision,
+)
 from greenrun.train.schedule import lr_at
 from greenrun.trainer_state import TrainerState
 
@@ -87,6 +95,10 @@ class Trainer(TrainerState):
         self.model = model.GPT(cfg.model).to(self.device)
         self.recompute = activation_checkpointing.apply(self.model, cfg.activation_checkpointing)
         self.prepared = self.precision.prepare(self.model, cfg.precision)  # e.g. the linears now in fp8
+        self.parallel = parallel.build(cfg.distributed, self.dist.world_size)
+        self.parallel.shard(
+            self.model, parallel.param_dtype(cfg.precision.name)
+        )  # fsdp: before the optimizer
         self.optimizer = optimizer.build(cfg.optimizer, self.model)
         self.scaler = self.precision.scaler(self.device)
         self.autocast = lambda: self.precision.autocast(self.device)
@@ -99,20 +111,20 @@ class Trainer(TrainerState):
             mode = None if t.compile_mode == "default" else t.compile_mode
             self.train_model = torch.compile(self.model, mode=mode)
             self.cuda_graphs = self.device.type == "cuda" and t.compile_mode in CUDA_GRAPH_MODES
-        if self.dist.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        self.train_model = self.parallel.wrap(self.train_model, self.device)  # ddp under torchrun
 
         self.step = 0
         self.tokens_per_step = (
             t.micro_batch_size * cfg.model.seq_len * t.grad_accum_steps * self.dist.world_size
         )
+        self.exports = export.BackgroundExports()  # restore_best's exports, written off the loop
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
             self.run_dir / "checkpoints",
             uploader=uploader if self.dist.is_main else None,
             writer=self.dist.is_main,
             agree=distributed.any_flag,
+            collective=self.parallel.sharded,  # fsdp: every rank takes part in gathering the state
             barrier=distributed.barrier,
         )
         # Only a CUDA run has GPUs to meter; on a CPU, NVML has nothing to say about this process.
@@ -131,6 +143,8 @@ class Trainer(TrainerState):
         self.flops_per_token = model.flops_per_token(cfg.model)
         self.peak_flops = hardware.peak_bf16_flops(self.device) * self.dist.world_size
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        # logger=: where the records go besides metrics.jsonl (TensorBoard, MLflow, W&B); rank 0 only
+        self.sinks = sinks.Sinks(cfg.logger, self.run_dir, cfg, enabled=self.dist.is_main)
         self.first_val: float | None = None
         self.last_val: float | None = None
         self.upload_grace_s: float | None = None  # how long close() waits for uploads (None = until done)
@@ -146,6 +160,7 @@ class Trainer(TrainerState):
             isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW)
             and all(g.get("fused") for g in self.optimizer.param_groups)
             and not self.scaler.is_enabled()
+            and not self.parallel.sharded  # its found_inf is a plain tensor; fsdp's parameters are DTensors
         )
 
     # --- one optimizer step ---------------------------------------------------------------------------
@@ -173,9 +188,7 @@ class Trainer(TrainerState):
         for micro in range(t.grad_accum_steps):
             x, y = self._batch("train", self.step, micro)
             last = micro == t.grad_accum_steps - 1
-            sync_grads = last or not isinstance(self.train_model, DistributedDataParallel)
-            ctx = contextlib.nullcontext() if sync_grads else self.train_model.no_sync()
-            with ctx:
+            with self.parallel.sync_grads(self.train_model, last):  # reduce gradients at the last micro-step
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
@@ -187,6 +200,8 @@ class Trainer(TrainerState):
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
         )
+        if isinstance(grad_norm, DTensor):  # fsdp: the norm over every shard, the same on every rank
+            grad_norm = grad_norm.full_tensor()
         check_norm = not self.scaler.is_enabled()
         if self.skips_on_device:
             self.optimizer.found_inf = self.guard.watch(
@@ -225,11 +240,14 @@ class Trainer(TrainerState):
         batches, so the same number up to float sums, on any number of processes."""
         self.train_model.eval()
         n, total = self.cfg.trainer.eval_batches, torch.zeros((), device=self.device)
-        for i in range(self.dist.rank, n, self.dist.world_size):
-            x, y = self._batch("val", i, 0)
+        # Under fsdp every forward is a collective: a rank with one batch fewer runs a spare one, uncounted.
+        share = -(-n // self.dist.world_size) if self.parallel.sharded else 0
+        for i in range(self.dist.rank, max(n, share * self.dist.world_size), self.dist.world_size):
+            x, y = self._batch("val", min(i, n - 1), 0)
             with self.autocast():
                 _, loss = self.model(x, y)
-            total += loss.float()
+            if i < n:
+                total += loss.float()
         return (distributed.total(total) / n).item()
 
     # --- the loop ---------------------------------------------------------------------------------------
@@ -239,6 +257,7 @@ class Trainer(TrainerState):
         stop_at = t.stop_at_step or t.max_steps
         start_step, t0 = self.step, time.perf_counter()
         self._train_t0 = t0
+        self.sinks.begin(self.step)
         window_t, window_step = t0, self.step
         preempted = ""
         if self.step == 0:
@@ -255,7 +274,7 @@ class Trainer(TrainerState):
                 logged = upcoming % t.log_interval == 0 or upcoming % t.eval_interval == 0
                 with self.profiler.step(self.step):
                     stats = self.train_step(sync=logged or upcoming in (stop_at, t.max_steps))
-                if self.step == start_step + 1 and self.checkpointer.writer:
+                if self.step == start_step + 1 and self.checkpointer.writer and not self.parallel.sharded:
                     self._reserve_staging()  # once the optimizer state exists: no save pays the allocation
                 record = {"step": self.step, "tokens": self.step * self.tokens_per_step, **stats}
                 last = self.step in (stop_at, t.max_steps)
@@ -381,8 +400,8 @@ class Trainer(TrainerState):
 
     def _watch(self, val_loss: float) -> None:
         decision = self.stopper.update(val_loss, self.step, self.curriculum_ramping(self.step))
-        if decision.improved and self.cfg.early_stopping.restore_best and self.dist.is_main:
-            self.export_weights()  # export/ holds the best weights so far: they outlive a kill or a resume
+        if decision.improved and self.cfg.early_stopping.restore_best:  # every rank: fsdp gathers the weights
+            self.export_best()  # export/ holds the best weights so far: they outlive a kill or a resume
         if decision.stop:
             self.early_stop = decision
 
@@ -397,21 +416,25 @@ class Trainer(TrainerState):
         self.reporter.update(record)
         if self.dist.is_main:
             fs.append(self.metrics_path, json.dumps(record) + "\n")  # refuses a symlink: never writes outside
+            self.sinks.write(record)
 
     def sample(self, prompt: str | None = None) -> str:
         n = self.cfg.trainer.sample_tokens
         if n <= 0:
             return ""
         prompt = prompt or self.cfg.trainer.sample_prompt or data.sample_prompt(self.cfg.data)
-        ids = torch.tensor([self.data.encode(prompt) or [self.data.eot_id]], device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
-        self.model.eval()
-        with self.autocast():
-            out = model.generate(self.model, ids, n, generator=gen)
-        return self.data.decode(out[0].tolist())
+        # The path `greenrun sample` takes too: a checkpoint sampled with the run's seed prints the same text.
+        return generate_text(
+            self.model, self.data, prompt, n, seed=self.cfg.trainer.seed, autocast=self.autocast
+        )
 
     def close(self) -> None:
         self.reporter.stop()
         self.profiler.close(self.step)
+        self.sinks.close()
+        try:
+            self.exports.wait()
+        except OSError as e:  # final_export reports it where it matters; close must still release the rest
+            log.error(f"the export of the best weights failed: {e}")
         self.checkpointer.close(upload_timeout=self.upload_grace_s)
         distributed.teardown()

@@ -17,6 +17,7 @@ import torch
 from greenrun import runs
 from greenrun.ckpt import checkpoint, export
 from greenrun.config import math_hash
+from greenrun.runtime import distributed
 from greenrun.train import early_stopping
 
 log = logging.getLogger("greenrun.trainer")
@@ -30,9 +31,11 @@ class TrainerState:
         rng = {"cpu": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        # Under fsdp a collective: rank 0 gets the full state in host memory, the other ranks empty dicts.
+        model_state, optim_state = self.parallel.full_state(self.model, self.optimizer)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "trainer": {
                 "step": self.step,
                 "first_val": self.first_val,
@@ -47,9 +50,8 @@ class TrainerState:
         }
 
     def load_state_dict(self, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
-        self.model.load_state_dict(model_state)
         try:
-            self.optimizer.load_state_dict(optim_state)
+            self.parallel.load_full_state(self.model, self.optimizer, model_state, optim_state)
         except (ValueError, KeyError) as e:  # torch names the mismatch, not what to do about it
             raise checkpoint.CheckpointError(
                 f"the checkpoint's optimizer state does not fit optimizer={self.cfg.optimizer.name} ({e}); it was "
@@ -83,8 +85,10 @@ class TrainerState:
             f"checkpoint staging: {n / 2**30:.2f} GiB of host buffers in {time.perf_counter() - t0:.2f} s"
         )
 
-    def snapshot(self) -> checkpoint.Snapshot:
+    def snapshot(self) -> checkpoint.Snapshot | None:
         state = self.state_dict()
+        if not self.dist.is_main:  # fsdp: this rank's part of the gather is done; rank 0 writes
+            return None
         unique, aliases = checkpoint.unique_tensors(state["model"])
         # The guard stops a non-finite step before its update; an update that overflowed is caught here.
         if not early_stopping.all_finite(unique.values()):
@@ -111,7 +115,9 @@ class TrainerState:
         )
 
     def resume_from(self, path: Path) -> None:
-        model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=self.device)
+        # fsdp scatters the full state from host memory into each rank's shards
+        where = "cpu" if self.parallel.sharded else self.device
+        model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=where)
         self.load_state_dict(model_state, optim_state, trainer_state)
         # What the killed process spent past this checkpoint, read before its records are dropped.
         event = self.accounts.on_resume(path, self.step, self.metrics_path)
@@ -119,20 +125,37 @@ class TrainerState:
             runs.truncate_metrics(self.metrics_path, self.step)
         self._log_event(event)
 
-    def export_weights(self) -> Path:
-        """Model-only weights in checkpoint.weights_dtype for inference or fine-tuning: half the bytes in bf16/fp16."""
+    def export_weights(self) -> Path | None:
+        """Model-only weights in checkpoint.weights_dtype for inference or fine-tuning: half the bytes in bf16/fp16.
+
+        Every rank calls it (under fsdp the weights are gathered); rank 0 writes and returns the path."""
         c = self.cfg.checkpoint
-        return export.write(self.run_dir, self.model.state_dict(), self.step, c.weights_dtype, c.keep_exports)
+        weights = self.parallel.full_model_state(self.model)
+        if not self.dist.is_main:
+            return None
+        return export.write(self.run_dir, weights, self.step, c.weights_dtype, c.keep_exports)
 
     def _export_path(self, step: int) -> Path:
         return export.export_path(self.run_dir, step, self.cfg.checkpoint.weights_dtype)
 
+    def export_best(self) -> Path | None:
+        """The weights of a new best evaluation, written by a background thread (final_export waits for it)."""
+        c = self.cfg.checkpoint
+        weights = self.parallel.full_model_state(self.model)  # every rank: under fsdp a gather
+        if not self.dist.is_main:
+            return None
+        return self.exports.submit(self.run_dir, weights, self.step, c.weights_dtype, c.keep_exports)
+
     def final_export(self) -> Path:
         """The export a run leaves: with early_stopping.restore_best the best evaluation's weights, exported
         when it was reached (_watch); else the weights now."""
+        self.exports.wait()
         best = self.stopper.best_step if self.cfg.early_stopping.restore_best else None
-        if best is not None and self._export_path(best).is_file():
-            return self._export_path(best)
-        if best is not None:  # only after a resume that went another way than the run it continued
+        have = best is not None and self.dist.is_main and self._export_path(best).is_file()
+        if distributed.any_flag(have):  # rank 0's answer, on every rank: none of them gathers the weights
+            return self._export_path(best) if self.dist.is_main else None
+        if (
+            best is not None and self.dist.is_main
+        ):  # only after a resume that went another way than the run it continued
             log.warning(f"the best weights (step {best}) are gone from export/: exporting step {self.step}'s")
         return self.export_weights()

@@ -41,6 +41,7 @@ ROWS: dict[str, dict] = {
     "ref_mb64": {"kind": "ref", "micro": 64, "bias": True},
     "ref_nobias_mb16": {"kind": "ref", "micro": 16, "bias": False},
     "ref_nobias_mb64": {"kind": "ref", "micro": 64, "bias": False},
+    "ref_nobias_mb128": {"kind": "ref", "micro": 128, "bias": False},
     "ref_liger_nobias_mb64": {"kind": "ref", "micro": 64, "bias": False, "loss": "liger"},
     "ref_liger_nobias_mb128": {"kind": "ref", "micro": 128, "bias": False, "loss": "liger"},
     "gr_before_mb16": gr(16, *BASE, before=True),
@@ -70,6 +71,15 @@ ROWS: dict[str, dict] = {
     "gr_learn_mb64": gr(64, *BASE, "model.pad_logits=learn"),
     "gr_learn_mb128": gr(128, *BASE, "model.pad_logits=learn"),
     "gr_fp8head_learn_mb64": gr(64, "precision=fp8", "precision.fp8.lm_head=true", "model.pad_logits=learn"),
+    "gr_nobias_learn_mb16": gr(16, *NOBIAS, "model.pad_logits=learn"),
+    "gr_nobias_learn_mb64": gr(64, *NOBIAS, "model.pad_logits=learn"),
+    "gr_nobias_learn_mb128": gr(128, *NOBIAS, "model.pad_logits=learn"),
+    "gr_nobias_learn_autotune_mb16": gr(
+        16, *NOBIAS, "model.pad_logits=learn", "trainer.compile_mode=max-autotune-no-cudagraphs"
+    ),
+    "gr_nobias_fp8head_learn_mb64": gr(
+        64, "precision=fp8", "precision.fp8.lm_head=true", "model.bias=false", "model.pad_logits=learn"
+    ),
 }
 for mb in (8, 24, 32, 48, 96):
     ROWS[f"gr_nobias_mb{mb}"] = gr(mb, *NOBIAS)
@@ -80,6 +90,11 @@ CURVES = {  # name -> (overrides, steps): the loss at a fixed token budget (32,7
     "curve_nobias": (NOBIAS, 200),
     "curve_nobias_fp8head": (["precision=fp8", "precision.fp8.lm_head=true", "model.bias=false"], 200),
     "curve_learn": (BASE + ["model.pad_logits=learn"], 200),
+    "curve_nobias_learn": (NOBIAS + ["model.pad_logits=learn"], 200),
+    "curve_nobias_fp8head_learn": (
+        ["precision=fp8", "precision.fp8.lm_head=true", "model.bias=false", "model.pad_logits=learn"],
+        200,
+    ),
 }
 GROUPS = {
     "speed": [
@@ -135,6 +150,13 @@ GROUPS = {
         "ref_liger_mb128",
         "gr_learn_mb128",
     ],  # fmt: skip
+    "nobias_learn": [
+        "hf_compile_mb16",
+        "ref_nobias_mb64",
+        "gr_nobias_learn_mb64",
+        "gr_nobias_fp8head_learn_mb64",
+        "gr_nobias_learn_mb128",
+    ],  # fmt: skip
     "pad_quality": [
         "curve_bias",
         "curve_learn",
@@ -143,6 +165,19 @@ GROUPS = {
         "gr_mb8",
         "gr_autotune_mb16",
     ],
+    # Session 20: the recipes as they now ship (no biases, learn) at 64 and 128 beside the reference, the loss
+    # curves of gpt2_gpu and gpt2_fp8 at a fixed token budget; max-autotune in a call of its own.
+    "s20_speed": [
+        "hf_compile_mb16",
+        "ref_nobias_mb64",
+        "gr_nobias_learn_mb64",
+        "gr_nobias_fp8head_learn_mb64",
+        "ref_nobias_mb128",
+        "gr_nobias_learn_mb128",
+        "curve_nobias_learn",
+        "curve_nobias_fp8head_learn",
+    ],  # fmt: skip
+    "s20_autotune": ["ref_nobias_mb16", "gr_nobias_learn_mb16", "gr_nobias_learn_autotune_mb16"],
     "final": [
         "ref_nobias_mb16",
         "gr_nobias_mb16",

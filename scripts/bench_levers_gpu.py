@@ -48,6 +48,8 @@ ROWS: dict[str, list[str]] = {  # in the order they run: the time budget drops t
                                             "schedule.warmup_steps={warm8}", "trainer.eval_interval=5",
                                             "trainer.log_interval=5"],
     "schedule=constant": ["schedule=constant"],
+    "schedule=linear": ["schedule=linear"],
+    "schedule=step": ["schedule=step"],
 }  # fmt: skip
 
 

@@ -78,6 +78,7 @@ OPTIONS = [(g, o) for g, opts in config.groups().items() if g != "recipe" for o 
 def test_every_option_composes(group, option):
     extra = ["storage.bucket=b"] if (group, option) == ("storage", "s3") else []
     extra += ["data.paths=[x.txt]"] if (group, option) == ("data", "text") else []
+    extra += ["data.name=x"] if (group, option) == ("data", "hf") else []
     cfg = typed([f"{group}={option}", *extra])
     sets = yaml_sets(config.conf_dir() / group / f"{option}.yaml")
     assert_applied(cfg, sets, f"{group}.", extra)
@@ -203,7 +204,11 @@ def test_the_local_keys_are_exactly_the_paths_urls_and_commands():
     assert sorted(config.LOCAL_KEYS) == [
         "curriculum.reference",
         "data.cache_dir",
+        "data.cache_endpoint_url",
+        "data.cache_url",
+        "data.name",
         "data.paths",
+        "data.tokenizer_path",
         "run.dir",
         "spot.metadata_url",
         "window.carbon_cmd",

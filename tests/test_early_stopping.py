@@ -241,3 +241,23 @@ def test_the_console_line_is_one_line(scripted, tiny, tmp_path, caplog):
     _job(tiny, tmp_path / "line", "early_stopping=on", "early_stopping.patience=3")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped early")]
     assert len(lines) == 1 and "\n" not in lines[0] and lines[0].startswith("stopped early at step 25: ")
+
+
+def test_best_exports_are_written_off_the_loop_from_a_copy_taken_at_submit(tmp_path):
+    from greenrun.ckpt import export
+
+    weights = {"w": torch.ones(4, 4), "tied": None}
+    weights["tied"] = weights["w"]  # tied tensors are written once
+    exports = export.BackgroundExports()
+    path = exports.submit(tmp_path, weights, 10, "fp32", keep=1)
+    weights["w"].mul_(3)  # the loop goes on changing the weights while the thread writes
+    exports.wait()
+    assert torch.equal(load_file(path)["w"], torch.ones(4, 4))
+    exports.submit(tmp_path, weights, 20, "bf16", keep=1)
+    exports.wait()
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["model-step-00000020-bf16.safetensors"]
+    (tmp_path / "export").rename(tmp_path / "elsewhere")
+    (tmp_path / "export").symlink_to(tmp_path / "elsewhere")  # refused inside the thread ...
+    exports.submit(tmp_path, weights, 30, "bf16", keep=1)
+    with pytest.raises(OSError):
+        exports.wait()  # ... and raised on the caller's thread

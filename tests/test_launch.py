@@ -99,6 +99,33 @@ def test_two_processes_from_one_start(tiny, tmp_path):
     assert r.stdout.count("greenrun summary") == 1
 
 
+def test_two_agents_on_this_machine_rendezvous_as_two_nodes(tiny, tmp_path):
+    # Two machines, simulated: two launchers (torch's elastic agents) meet at one c10d endpoint, one process
+    # each, and train one run in the run.dir they share; the second node's rank writes nothing.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "nodes"
+    node = ["trainer.nnodes=2", "trainer.nproc_per_node=1", f"trainer.rdzv_endpoint=127.0.0.1:{port}"]
+    args = [
+        *tiny,
+        *node,
+        "trainer.device=cpu",
+        "trainer.log_interval=1",
+        "trainer.max_steps=3",
+        "preflight=false",
+    ]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    procs = [start(tmp_path / d, *args, f"run.dir={run_dir}") for d in ("a", "b")]
+    results = [finish(proc, out) for proc, out in procs]
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert steps(run_dir) == [0, 1, 2, 3]
+    assert checkpoint.read_manifest(checkpoint.committed(run_dir / "checkpoints")[0])["world_size"] == 2
+    assert sum(text.count("greenrun summary") for _, text in results) == 1
+
+
 def test_a_killed_process_restarts_the_group_from_the_newest_checkpoint(tiny, tmp_path):
     run_dir = tmp_path / "restart"
     args = [*TWO, "trainer.max_steps=120", "trainer.eval_interval=1000", "checkpoint.interval=4"]

@@ -38,10 +38,12 @@ class Checkpointer:
         writer: bool = True,  # this process writes (rank 0); the others only take part in decisions
         agree: Callable[[bool], bool] = lambda due: due,  # True on every rank if True on any
         barrier: Callable[[], None] = lambda: None,  # the other ranks wait for the writer's commit
+        collective: bool = False,  # every rank runs snapshot_fn (fsdp gathers the state); the writer writes
         clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg, self.ckpt_root, self.uploader = cfg, Path(ckpt_root), uploader
         self.writer, self.agree, self.barrier, self.clock = writer, agree, barrier, clock
+        self.collective = collective
         self.blocked_s: list[float] = []  # seconds the training loop waited, per save
         self.last_committed: Path | None = None
         self.newest_step: int | None = None  # the newest checkpoint this process took (the writer's)
@@ -80,6 +82,8 @@ class Checkpointer:
 
     def save(self, snapshot_fn: Callable[[], Snapshot], *, wait: bool = False) -> None:
         """Snapshot now; commit in the background (or before returning with wait=True)."""
+        if not self.writer and self.collective:
+            snapshot_fn()  # this rank's part of gathering the state
         if self.writer:
             t0 = time.perf_counter()
             self._join()  # one local write at a time: the disk, not a queue, bounds the backlog
