@@ -184,6 +184,9 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
     except BaseException:
         distributed.teardown()
         raise
+    failed = (
+        False  # a rank that fails leaves at once; the others' next collective errors, as torchrun expects
+    )
     try:
         if resume_from is not None:
             trainer.resume_from(resume_from)
@@ -213,8 +216,11 @@ def train(cfg: Config, *, resume_from: Path | None = None) -> JobResult:
         if said:
             log.info(said)
         return JobResult(Outcome.OK, run_dir=run_dir, summary=summary)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        trainer.close()
+        trainer.close(together=not failed)
         # After a preemption the deadline leaves no time for housekeeping; the next start prunes.
         if remote is not None and not trainer.checkpointer.preempted:
             try:
@@ -274,13 +280,7 @@ def resume(target: str, overrides: list[str]) -> JobResult:
         run_dir, overrides = found.local_dir, found.overrides
     else:
         run_dir = Path(target)
-        saved_path = run_dir / "config.yaml"
-        if not saved_path.is_file():
-            raise ConfigError(
-                [
-                    f"{saved_path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"
-                ]
-            )
+        runs.saved_config_path(run_dir)  # a usage error unless train made it
     with runs.hold(run_dir):  # one writer: a second resume or train of this directory is refused (exit 2)
         saved = runs.restore(found) if found is not None else config.load_yaml(run_dir / "config.yaml")
         # stop_at_step ended the last slice; a resume runs on unless the command line sets a new stop.

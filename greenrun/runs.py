@@ -138,6 +138,16 @@ def hold(run_dir: Path) -> Iterator[None]:
             _remove_if_only_the_lock(Path(run_dir))
 
 
+def saved_config_path(run_dir: Path) -> Path:
+    """RUN_DIR/config.yaml, or a usage error saying the directory is not one `greenrun train` made."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise config.ConfigError(
+            [f"{path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"]
+        )
+    return path
+
+
 def run_dir_problems(run_dir: Path) -> list[str]:
     """Why run.dir cannot hold a run, before anything is started or created there."""
     run_dir = Path(run_dir)

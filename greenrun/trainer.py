@@ -428,7 +428,9 @@ class Trainer(TrainerState):
             self.model, self.data, prompt, n, seed=self.cfg.trainer.seed, autocast=self.autocast
         )
 
-    def close(self) -> None:
+    def close(self, together: bool = False) -> None:
+        """Stop the threads, wait for exports and uploads, leave the process group (with `together`, after
+        every rank has got here: a normal end)."""
         self.reporter.stop()
         self.profiler.close(self.step)
         self.sinks.close()
@@ -437,4 +439,4 @@ class Trainer(TrainerState):
         except OSError as e:  # final_export reports it where it matters; close must still release the rest
             log.error(f"the export of the best weights failed: {e}")
         self.checkpointer.close(upload_timeout=self.upload_grace_s)
-        distributed.teardown()
+        distributed.teardown(together)

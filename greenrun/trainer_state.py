@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from greenrun import runs
-from greenrun.ckpt import checkpoint, export
+from greenrun.ckpt import checkpoint, export, sharded
 from greenrun.config import math_hash
 from greenrun.runtime import distributed
 from greenrun.train import early_stopping
@@ -28,30 +28,43 @@ class TrainerState:
 
     def state_dict(self) -> dict[str, Any]:
         self.guard.settle()  # every step up to now decided: its counts are saved, and `stop` raises first
+        # Under fsdp a collective: rank 0 gets the full state in host memory, the other ranks empty dicts.
+        model_state, optim_state = self.parallel.full_state(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state, "trainer": self._trainer_state()}
+
+    def _trainer_state(self) -> dict[str, Any]:
         rng = {"cpu": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        # Under fsdp a collective: rank 0 gets the full state in host memory, the other ranks empty dicts.
-        model_state, optim_state = self.parallel.full_state(self.model, self.optimizer)
         return {
-            "model": model_state,
-            "optimizer": optim_state,
-            "trainer": {
-                "step": self.step,
-                "first_val": self.first_val,
-                "wall_s": self.wall_before
-                + (time.perf_counter() - self._train_t0 if self._train_t0 else 0.0),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "early_stopping": self.stopper.state_dict(),
-                "nonfinite": self.guard.state_dict(),
-                "accounts": self.accounts.state_dict(),  # the ledger's totals and the budgets' warnings
-            },
+            "step": self.step,
+            "first_val": self.first_val,
+            "wall_s": self.wall_before + (time.perf_counter() - self._train_t0 if self._train_t0 else 0.0),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "early_stopping": self.stopper.state_dict(),
+            "nonfinite": self.guard.state_dict(),
+            "accounts": self.accounts.state_dict(),  # the ledger's totals and the budgets' warnings
         }
 
-    def load_state_dict(self, model_state: dict, optim_state: dict, trainer_state: dict) -> None:
+    def load_state_dict(
+        self,
+        model_state: dict | None,
+        optim_state: dict | None,
+        trainer_state: dict,
+        sharded_from: Path | None = None,
+    ) -> None:
+        """The full state, or with sharded_from a sharded checkpoint read straight into this rank's shards."""
         try:
-            self.parallel.load_full_state(self.model, self.optimizer, model_state, optim_state)
+            if sharded_from is not None:
+                sharded.load_sharded(
+                    sharded_from,
+                    self.model,
+                    self.optimizer,
+                    checkpoint.load_pt(sharded_from, sharded.OPTIM_META, "cpu"),
+                )
+            else:
+                self.parallel.load_full_state(self.model, self.optimizer, model_state, optim_state)
         except (ValueError, KeyError) as e:  # torch names the mismatch, not what to do about it
             raise checkpoint.CheckpointError(
                 f"the checkpoint's optimizer state does not fit optimizer={self.cfg.optimizer.name} ({e}); it was "
@@ -85,7 +98,9 @@ class TrainerState:
             f"checkpoint staging: {n / 2**30:.2f} GiB of host buffers in {time.perf_counter() - t0:.2f} s"
         )
 
-    def snapshot(self) -> checkpoint.Snapshot | None:
+    def snapshot(self) -> checkpoint.Snapshot | checkpoint.Pending | None:
+        if self.parallel.sharded_checkpoints:
+            return self._sharded_snapshot()
         state = self.state_dict()
         if not self.dist.is_main:  # fsdp: this rank's part of the gather is done; rank 0 writes
             return None
@@ -102,23 +117,55 @@ class TrainerState:
             aliases=aliases,
             optimizer=state["optimizer"],
             trainer=state["trainer"],
-            meta={
-                "config_hash": math_hash(self.cfg),
-                "world_size": self.dist.world_size,
-                # How the global batch was split: a resume on another world size keeps it (job.continue_run).
-                "micro_batch_size": self.cfg.trainer.micro_batch_size,
-                "grad_accum_steps": self.cfg.trainer.grad_accum_steps,
-                "data_cache_key": self.data.cache_key,
-                "val_loss": self.last_val,
-                "early_stop": self.early_stop.reason if self.early_stop is not None else "",
-            },
+            meta=self._manifest_meta(),
         )
+
+    def _manifest_meta(self) -> dict[str, Any]:
+        return {
+            "config_hash": math_hash(self.cfg),
+            "world_size": self.dist.world_size,
+            # How the global batch was split: a resume on another world size keeps it (job.continue_run).
+            "micro_batch_size": self.cfg.trainer.micro_batch_size,
+            "grad_accum_steps": self.cfg.trainer.grad_accum_steps,
+            "data_cache_key": self.data.cache_key,
+            "val_loss": self.last_val,
+            "early_stop": self.early_stop.reason if self.early_stop is not None else "",
+        }
+
+    def _sharded_snapshot(self) -> checkpoint.Pending | None:
+        """Every rank, in the training thread: DCP writes this rank's shards into rank 0's temp dir (a
+        collective, so never on the writer thread); rank 0 gets what its background commit needs."""
+        self.guard.settle()
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in self.model.state_dict().values()]
+        if distributed.any_flag(not early_stopping.all_finite(local)):
+            raise early_stopping.NonFiniteError(
+                f"the weights are not finite after step {self.step}: not checkpointing them. Lower optimizer.lr"
+            )
+        root = self.run_dir / "checkpoints"
+        tmp = [None]
+        if self.dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = [checkpoint.temp_dir(root, checkpoint.step_dir(root, self.step).name)]
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(tmp, src=0)  # one directory, named by the writer
+        optim_meta = sharded.save(self.model, self.optimizer, tmp[0])
+        distributed.barrier()  # every rank's shards are on disk before rank 0 hashes them
+        if not self.dist.is_main:
+            return None
+        return checkpoint.Pending(self.step, tmp[0], optim_meta, self._trainer_state(), self._manifest_meta())
 
     def resume_from(self, path: Path) -> None:
         # fsdp scatters the full state from host memory into each rank's shards
         where = "cpu" if self.parallel.sharded else self.device
-        model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=where)
-        self.load_state_dict(model_state, optim_state, trainer_state)
+        if self.parallel.sharded and sharded.is_sharded(checkpoint.read_manifest(path)):
+            # Each rank reads only its own slices, on any world size; nothing is gathered anywhere.
+            if problem := checkpoint.verify(path):
+                raise checkpoint.CheckpointError(problem)
+            trainer_state = checkpoint.load_pt(path, "trainer.pt", "cpu")
+            self.load_state_dict(None, None, trainer_state, sharded_from=path)
+        else:
+            model_state, optim_state, trainer_state, _ = checkpoint.load(path, map_location=where)
+            self.load_state_dict(model_state, optim_state, trainer_state)
         # What the killed process spent past this checkpoint, read before its records are dropped.
         event = self.accounts.on_resume(path, self.step, self.metrics_path)
         if self.dist.is_main:

@@ -100,8 +100,9 @@ def test_the_work_a_kill_9_lost_is_counted_as_the_price_of_preemption(tiny, tmp_
 
 def test_a_spent_budget_stops_the_run_with_a_checkpoint_and_exit_0(tiny, tmp_path):
     run_dir = tmp_path / "budget"
-    # A stated 3.6 MW spends a kWh a second: the first logged window is over budget.kwh.
-    watts = ["energy.cpu_watts=3.6e6", "budget.kwh=0.5", "budget.action=stop"]
+    # A stated 3.6 MW spends a kWh a second, 0.01 kWh in 10 ms: the first logged window (two steps, tens of
+    # ms even on a fast idle machine) is over budget.kwh.
+    watts = ["energy.cpu_watts=3.6e6", "budget.kwh=0.01", "budget.action=stop"]
     r = run_cli("train", *tiny, *ESTIMATED, *watts, "trainer.max_steps=50", f"run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-2000:]
     result = summary(run_dir)

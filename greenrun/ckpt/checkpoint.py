@@ -7,6 +7,10 @@ A checkpoint is the directory `checkpoints/step-<N>/` holding
   manifest.json       step, config hash, versions, and every file's size and sha256 - written last
 A directory without a manifest, or whose files do not match it, is not a checkpoint: loading skips it for the
 previous good one and says so. Nothing here ever unpickles code.
+
+`distributed.checkpoint=sharded` (fsdp) writes another layout, committed the same way: shards/*.safetensors from
+every rank, optimizer_meta.pt and trainer.pt, and a manifest with "layout": "sharded" listing all of them
+(ckpt/sharded.py). `verify` checks every listed file; `load` reads either layout into full CPU tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import greenrun
+from greenrun.ckpt import sharded
 from greenrun.ckpt.retention import Retention
 
 # Taking the snapshot (copying the state off the device) lives in staging.py; these names stay importable here.
@@ -89,7 +94,29 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 LOW_SPACE_BYTES = 64 << 20  # a write that fails with less than this free failed for want of space
 
 
-def write(snapshot: Snapshot, ckpt_root: Path) -> Path:
+@dataclass
+class Pending:
+    """Rank 0's part of a sharded save: the shards are on disk in `tmp`; commit() finishes the checkpoint."""
+
+    step: int
+    tmp: Path
+    optim_meta: dict
+    trainer: dict
+    meta: dict
+
+    def commit(self, ckpt_root: Path) -> Path:
+        try:
+            torch.save(self.optim_meta, self.tmp / sharded.OPTIM_META)
+            torch.save(self.trainer, self.tmp / "trainer.pt")
+            names = sorted(p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file())
+            extra = {"aliases": {}, **self.meta, "layout": sharded.LAYOUT}
+            return commit(self.tmp, step_dir(ckpt_root, self.step), self.step, extra, names)
+        finally:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write(snapshot: Snapshot | Pending, ckpt_root: Path) -> Path:
     """Write, verify and commit one checkpoint; returns its directory. Never touches older checkpoints.
 
     A failed write (a full disk above all) leaves nothing behind and raises CheckpointError in words: torch
@@ -97,6 +124,8 @@ def write(snapshot: Snapshot, ckpt_root: Path) -> Path:
     `SafetensorError: ... os error 28`.
     """
     try:
+        if not isinstance(snapshot, Snapshot):  # a sharded save: its shards are written, rank 0 commits
+            return snapshot.commit(ckpt_root)
         return _write(snapshot, ckpt_root)
     # OSError, torch's RuntimeError, safetensors' SafetensorError: each is how its writer says "I/O failed".
     except Exception as e:
@@ -129,39 +158,49 @@ def _write(snapshot: Snapshot, ckpt_root: Path) -> Path:
         save_file(snapshot.model, str(tmp / "model.safetensors"), metadata={"format": str(FORMAT)})
         torch.save(snapshot.optimizer, tmp / "optimizer.pt")
         torch.save(snapshot.trainer, tmp / "trainer.pt")
-        manifest = {
-            "format": FORMAT,
-            "step": snapshot.step,
-            "created": time.time(),
-            "greenrun": greenrun.__version__,
-            "torch": torch.__version__,
-            "aliases": snapshot.aliases,
-            **snapshot.meta,
-            "files": {
-                name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                for name in FILES
-            },
-        }
-        for name in FILES:
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            if verify(final) is None:
-                # Same step already committed (a resumed run redid it): the committed one stands.
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            final.rename(ckpt_root / f".corrupt-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(tmp, final)
-        fsync_dir(ckpt_root)
-        return final
+        return commit(tmp, final, snapshot.step, {"aliases": snapshot.aliases, **snapshot.meta}, FILES)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit(tmp: Path, final: Path, step: int, extra: dict, names: Iterable[str]) -> Path:
+    """Hash and fsync the files `names` (paths relative to tmp), write the manifest last, rename tmp to final.
+
+    Both layouts commit here: the full one (FILES) and the sharded one (ckpt/sharded.py, shards/ included).
+    """
+    names = list(names)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "created": time.time(),
+        "greenrun": greenrun.__version__,
+        "torch": torch.__version__,
+        **extra,
+        "files": {
+            name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in names
+        },
+    }
+    for name in names:
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    for sub in {(tmp / name).parent for name in names} - {tmp}:
+        fsync_dir(sub)
+    with open(tmp / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    ckpt_root = final.parent
+    if final.exists():
+        if verify(final) is None:
+            # Same step already committed (a resumed run redid it): the committed one stands.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        final.rename(ckpt_root / f".corrupt-{final.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(tmp, final)
+    fsync_dir(ckpt_root)
+    return final
 
 
 # --- verify and load ----------------------------------------------------------------------------------
@@ -184,8 +223,11 @@ def verify(path: Path) -> str | None:
     except CheckpointError as e:
         return str(e)
     files = manifest.get("files", {})
-    if set(files) != set(FILES):
-        return f"{path.name}: manifest lists {sorted(files)}, expected {list(FILES)}"
+    if not isinstance(files, dict):
+        return f"{path.name}: manifest.json has no file list"
+    problem = names_problem(manifest) or (_stray_shards(path, files) if _is_sharded(manifest) else None)
+    if problem is not None:
+        return f"{path.name}: {problem}"
     for name, entry in files.items():
         f = path / name
         if not f.is_file():
@@ -196,6 +238,34 @@ def verify(path: Path) -> str | None:
             )
         if sha256_file(f) != entry["sha256"]:
             return f"{path.name}/{name}: sha256 does not match the manifest (corrupted)"
+    return None
+
+
+def _is_sharded(manifest: dict) -> bool:
+    return manifest.get("layout") == "sharded"
+
+
+def names_problem(manifest: dict) -> str | None:
+    """None if the manifest lists exactly its layout's files, else why not. The names become local paths (and
+    may come from a bucket): a sharded checkpoint's are its two fixed files and at least one plain file name
+    under shards/, nothing that climbs out of it."""
+
+    files = manifest.get("files", {})
+    if not _is_sharded(manifest):
+        return None if set(files) == set(FILES) else f"manifest lists {sorted(files)}, expected {list(FILES)}"
+    fixed = {sharded.OPTIM_META, "trainer.pt"}
+    shards = {n for n in files if re.fullmatch(rf"{sharded.SHARDS}/[A-Za-z0-9._-]+", n) and ".." not in n}
+    if set(files) != fixed | shards or not shards:
+        return f"manifest lists {sorted(files)}, not a sharded checkpoint's files"
+    return None
+
+
+def _stray_shards(path: Path, files: dict) -> str | None:
+    """DCP's reader takes every .safetensors file in shards/, listed or not: an unlisted one is refused."""
+
+    on_disk = {p.relative_to(path).as_posix() for p in (path / sharded.SHARDS).glob("*") if p.is_file()}
+    if extra := sorted(on_disk - set(files)):
+        return f"{extra} in {sharded.SHARDS}/ but not in the manifest"
     return None
 
 
@@ -223,15 +293,40 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict, di
     if problem is not None:
         raise CheckpointError(problem)
     manifest = read_manifest(path)
+    if manifest.get("layout") == "sharded":
+        model_state, optim_state = sharded.load_full_state(
+            path, load_pt(path, sharded.OPTIM_META, "cpu")
+        )  # full CPU tensors, no process group
+        trainer_state = load_pt(path, "trainer.pt", "cpu")
+        return (
+            to_device(model_state, map_location),
+            to_device(optim_state, map_location),
+            trainer_state,
+            manifest,
+        )
     model_state = load_file(str(path / "model.safetensors"), device=str(map_location))
     for alias, target in manifest.get("aliases", {}).items():
         model_state[alias] = model_state[target]
+    optim_state = load_pt(path, "optimizer.pt", map_location)
+    trainer_state = load_pt(path, "trainer.pt", "cpu")
+    return model_state, optim_state, trainer_state, manifest
+
+
+def load_pt(path: Path, name: str, map_location: str | torch.device) -> dict:
     try:
-        optim_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
-        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        return torch.load(path / name, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses anything that would run code
         raise CheckpointError(f"{path.name}: refused to load ({str(e).splitlines()[0]})") from None
-    return model_state, optim_state, trainer_state, manifest
+
+
+def to_device(obj: object, device: str | torch.device) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 # --- housekeeping ----------------------------------------------------------------------------------------

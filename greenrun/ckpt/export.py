@@ -5,7 +5,6 @@ A resume never reads them (checkpoints hold the full state); `checkpoint.keep_ex
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import save
 
 from greenrun.ckpt.staging import unique_tensors
 from greenrun.core import fs
+from greenrun.core.background import OneAtATime
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -63,8 +63,7 @@ class BackgroundExports:
     """
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._job = OneAtATime("greenrun-export")
 
     def submit(
         self, run_dir: Path, model_state: dict[str, torch.Tensor], step: int, dtype: str, keep: int
@@ -74,21 +73,12 @@ class BackgroundExports:
         path = export_path(run_dir, step, dtype)
 
         def work() -> None:
-            try:
-                _write_host(path, weights, step, dtype)
-                _prune(path.parent, keep)
-            except BaseException as e:  # re-raised on the training thread by wait()
-                self._error = e
+            _write_host(path, weights, step, dtype)
+            _prune(path.parent, keep)
 
-        self._thread = threading.Thread(target=work, name="greenrun-export", daemon=True)
-        self._thread.start()
+        self._job.start(work)
         return path
 
     def wait(self) -> None:
         """Block until the export in flight is on disk; raise what it raised."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._job.join()

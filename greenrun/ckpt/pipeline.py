@@ -7,7 +7,9 @@ emergency.py) cancels older uploads, then writes and uploads the new checkpoint 
 the upload (aborting it) when the deadline comes.
 
 Every rank holds a Checkpointer so that all of them take the same decision at the same step (`agree` is an
-all-reduce under torchrun); only the writer (rank 0) snapshots and writes.
+all-reduce under torchrun); only the writer (rank 0) snapshots and writes. With sharded checkpoints
+(ckpt/sharded.py) every rank writes its shards inside snapshot_fn, in the training thread; the writer's
+background thread then only commits them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from greenrun.ckpt.checkpoint import CheckpointConfig, Snapshot
 from greenrun.ckpt.emergency import CLEANUP_S, EXIT_MARGIN_S, Emergency, Staged, Worker
 from greenrun.ckpt.remote import FAILED, SKIPPED, UploadResult
 from greenrun.ckpt.uploader import Uploader
+from greenrun.core.background import OneAtATime
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,7 @@ class Checkpointer:
         self._cancel = threading.Event()
         self._upload_worker: Worker | None = None
         self._last_save = clock()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._writer = OneAtATime("greenrun-ckpt")  # a failed write raises at the next save or at close
         if writer:
             removed = checkpoint.clean_stale(self.ckpt_root)
             if removed:
@@ -91,10 +93,7 @@ class Checkpointer:
             self.newest_step = max(snap.step, self.newest_step or 0)
             # The thread alone holds the snapshot, until its write returns: a Stager (staging.py) reuses the
             # snapshot's host buffers only once it is gone, so after the join above they are free again.
-            self._thread = threading.Thread(
-                target=self._write, args=(snap,), name="greenrun-ckpt", daemon=True
-            )
-            self._thread.start()
+            self._writer.start(self._write, snap)
             self.blocked_s.append(time.perf_counter() - t0)
             if wait:
                 self._join()
@@ -102,23 +101,18 @@ class Checkpointer:
         self.barrier()
 
     def _write(self, snap: Snapshot) -> None:
-        try:
-            t0 = time.perf_counter()
-            path = checkpoint.write(snap, self.ckpt_root)
-            self._committed(path)
-            protect = {path} | self._uploading()
-            checkpoint.prune(
-                self.ckpt_root, self.cfg.keep_last, keep_best=self.cfg.keep_best, protect=protect
-            )
-            blocked = self.blocked_s[-1] if self.blocked_s else 0.0
-            log.info(
-                f"checkpoint step {snap.step} committed locally in {time.perf_counter() - t0:.2f} s "
-                f"(training blocked {blocked:.2f} s)"
-            )
-            if self.uploader is not None:
-                self.uploader.submit(path)
-        except BaseException as e:  # surfaced on the training thread at the next save or close
-            self._error = e
+        t0 = time.perf_counter()
+        path = checkpoint.write(snap, self.ckpt_root)
+        self._committed(path)
+        protect = {path} | self._uploading()
+        checkpoint.prune(self.ckpt_root, self.cfg.keep_last, keep_best=self.cfg.keep_best, protect=protect)
+        blocked = self.blocked_s[-1] if self.blocked_s else 0.0
+        log.info(
+            f"checkpoint step {snap.step} committed locally in {time.perf_counter() - t0:.2f} s "
+            f"(training blocked {blocked:.2f} s)"
+        )
+        if self.uploader is not None:
+            self.uploader.submit(path)
 
     def _committed(self, path: Path) -> None:
         """Keep the newest: after an emergency an older background write can still finish."""
@@ -131,12 +125,7 @@ class Checkpointer:
         return {checkpoint.step_dir(self.ckpt_root, s) for s in self.uploader.in_flight_steps()}
 
     def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._writer.join()
 
     def emergency(self, snapshot_fn: Callable[[], Snapshot], seconds_left: Callable[[], float]) -> Emergency:
         """Save a checkpoint now and get it as far as the deadline allows: the bucket, or at least this disk.
@@ -166,10 +155,20 @@ class Checkpointer:
         timings = {"snapshot_s": time.monotonic() - t0}
         cancel, staged, final = self._cancel, None, checkpoint.step_dir(self.ckpt_root, step)
         local: Worker | None = None
+        failed: checkpoint.CheckpointError | None = None
+        if not isinstance(snap, Snapshot):  # sharded: the shards are on disk; commit them, then upload those
+            try:
+                self._committed(checkpoint.write(snap, self.ckpt_root))
+            except checkpoint.CheckpointError as e:
+                log.error(f"emergency checkpoint step {step}: the local commit failed: {e}")
+                failed = e
         if final.is_dir() and checkpoint.verify(final) is None:  # already committed here: send those bytes
             upload = Worker(
                 lambda: remote.upload_checkpoint(final, cancel=cancel), "greenrun-emergency-upload"
             )
+            self._upload_worker = upload
+        elif failed is not None:  # nothing committed to send: the result says why
+            upload = Worker(lambda: _raise(failed), "greenrun-emergency-upload")
             self._upload_worker = upload
         else:
             staged = Staged(snap, self.ckpt_root)
@@ -201,7 +200,7 @@ class Checkpointer:
                 self._committed(local.value)
             elif local.error is not None:
                 log.error(f"emergency checkpoint step {step}: the local commit failed: {local.error}")
-        path = final if staged is None else (local.value if local is not None else None)
+        path = None if failed is not None else final if staged is None else (local.value if local else None)
         result = self._upload_result(step, upload, time.monotonic() - t0, cancel.is_set(), end - t0)
         self.uploader.record(result)
         timings["upload_s" if result.committed else "upload_abandoned_s"] = upload.seconds or 0.0
@@ -286,7 +285,18 @@ class Checkpointer:
             if not self.uploader.wait(timeout=upload_timeout):
                 log.warning("checkpoint uploads did not finish in time; the local checkpoints are complete")
             self.uploader.close(timeout=5.0 if upload_timeout is None else upload_timeout)
+            if self.writer:  # a checkpoint still uploading at the last save was spared then: keep_last now
+                checkpoint.prune(
+                    self.ckpt_root,
+                    self.cfg.keep_last,
+                    keep_best=self.cfg.keep_best,
+                    protect=self._uploading(),
+                )
 
 
 def _step_of(path: Path) -> int:
     return int(checkpoint.STEP_DIR.match(path.name)[1])
+
+
+def _raise(error: BaseException) -> None:
+    raise error

@@ -25,7 +25,8 @@ from greenrun.storage import ObjectNotFound, Storage, StorageError, check_key
 
 log = logging.getLogger("greenrun.ckpt.remote")
 
-STEP_KEY = re.compile(r"step-(\d{8})/(?:(manifest\.json)|([^/]+)/[^/]+)")
+# step-N/manifest.json, or step-N/<attempt>/<file>; a sharded checkpoint's shards are <attempt>/shards/<file>.
+STEP_KEY = re.compile(r"step-(\d{8})/(?:(manifest\.json)|([^/]+)/(?:shards/)?[^/]+)")
 REMOTE_ONLY = ("attempt", "run_id", "keys")  # manifest fields the local format does not have
 KEY16 = re.compile(r"[0-9a-f]{16}")
 # Classes a plain GET can still read: GLACIER and DEEP_ARCHIVE would need a restore before fetch() works.
@@ -161,7 +162,7 @@ class RemoteReader:
         if (
             not isinstance(keys, dict)
             or set(keys) != set(manifest.get("files", {}))
-            or set(keys) != set(checkpoint.FILES)
+            or checkpoint.names_problem(manifest) is not None
             or not all(
                 isinstance(k, str) and k.startswith(self._step_prefix(step)) and safe_key(k)
                 for k in keys.values()
@@ -173,6 +174,7 @@ class RemoteReader:
         tmp.mkdir()  # a crash leaves it to checkpoint.clean_stale()
         try:
             for name, key in keys.items():
+                (tmp / name).parent.mkdir(exist_ok=True)  # shards/ of a sharded checkpoint
                 try:
                     self.storage.get(key, tmp / name)
                 except ObjectNotFound:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import urllib.parse
 from collections.abc import Iterable
 
 
@@ -19,3 +20,13 @@ def choice(key: str, value: str, options: Iterable[str]) -> list[str]:
     near = closest(value, options)
     hint = f" (did you mean {near}?)" if near else ""
     return [f"{key}: unknown value '{value}'{hint}; choose one of {', '.join(options)}"]
+
+
+def http_url(key: str, value: object, example: str) -> list[str]:
+    """A problem if an endpoint override is set and is not an http(s) URL with a host (None means AWS)."""
+    if value is None:
+        return []
+    url = urllib.parse.urlsplit(str(value))
+    if url.scheme in ("http", "https") and url.hostname:
+        return []
+    return [f"{key}={value!r} is not an http(s) URL; e.g. {example}"]

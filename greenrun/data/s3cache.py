@@ -17,10 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
-import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from greenrun.core import checks
 from greenrun.data import index
 from greenrun.data.sources import DataConfig
 
@@ -44,13 +44,9 @@ def problems(cfg: DataConfig) -> list[str]:
             check_prefix(prefix)
         except ValueError as e:
             found.append(f"data.cache_url: {e}")
-    if cfg.cache_endpoint_url is not None:
-        url = urllib.parse.urlsplit(str(cfg.cache_endpoint_url))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            found.append(
-                f"data.cache_endpoint_url={cfg.cache_endpoint_url!r} is not an http(s) URL; e.g. "
-                "http://127.0.0.1:9000 (None = AWS)"
-            )
+    found += checks.http_url(
+        "data.cache_endpoint_url", cfg.cache_endpoint_url, "http://127.0.0.1:9000 (None = AWS)"
+    )
     return found
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from greenrun import config, data, runs
-from greenrun.ckpt import checkpoint
+from greenrun.ckpt import checkpoint, sharded
 from greenrun.ckpt.checkpoint import CheckpointError
 from greenrun.config import Config, ConfigError
 from greenrun.core.fs import atomic_write
@@ -51,13 +51,7 @@ def open_run(target: str, step: int | None = None, overrides: list[str] | None =
         cfg, run_dir = config.apply_overrides(found.saved, found.overrides), found.local_dir
     else:
         run_dir = Path(target)
-        saved_path = run_dir / "config.yaml"
-        if not saved_path.is_file():
-            raise ConfigError(
-                [
-                    f"{saved_path}: not a greenrun run directory (no config.yaml); pass the RUN_DIR `greenrun train` made"
-                ]
-            )
+        saved_path = runs.saved_config_path(run_dir)
         cfg = config.apply_overrides(config.load_yaml(saved_path), overrides)
         try:
             path = _local_checkpoint(run_dir / "checkpoints", step)
@@ -122,7 +116,11 @@ def _fetch(found: runs.Found, step: int | None) -> Path:
 
 def model_state(opened: Opened) -> dict[str, torch.Tensor]:
     """The checkpoint's model weights by greenrun's names (tied tensors under each name); safetensors only."""
-    state = load_file(str(opened.checkpoint / "model.safetensors"))
+    if sharded.is_sharded(opened.manifest):  # every rank's safetensors shards, read into full tensors here
+        full = sharded.load_full(opened.checkpoint, prefix="model.")
+        state = {k.removeprefix("model."): v for k, v in full.items()}
+    else:
+        state = load_file(str(opened.checkpoint / "model.safetensors"))
     for alias, target in opened.manifest.get("aliases", {}).items():
         state[alias] = state[target]
     # fp8.lm_head's head is wte.weight itself under a second name: the plain model has only the first.

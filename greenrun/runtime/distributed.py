@@ -40,8 +40,14 @@ def setup(device_pref: str) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def teardown() -> None:
+def teardown(together: bool = False) -> None:
+    """Leave the process group. `together` (a normal end, every rank on its way out) waits for all ranks first:
+    a gloo rank that destroys its group while a peer still holds the connection is aborted at exit now and then
+    ("terminate called without an active exception": 1 run in 10 on 2 CPU ranks, none in 25 with the barrier).
+    After a failure there is no barrier: the other ranks may never reach it."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

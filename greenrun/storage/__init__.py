@@ -10,7 +10,6 @@ the modules below is what registers them.
 
 from __future__ import annotations
 
-import urllib.parse
 from pathlib import Path
 
 from greenrun.core import checks
@@ -79,13 +78,11 @@ def validate(cfg: StorageConfig) -> list[str]:
     if cfg.max_concurrency < 1:
         problems.append(f"storage.max_concurrency={cfg.max_concurrency} must be >= 1")
     problems += budget.upload_problems(cfg.max_failed_uploads, cfg.on_failed_uploads)
-    if cfg.endpoint_url is not None:
-        url = urllib.parse.urlsplit(str(cfg.endpoint_url))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            problems.append(
-                f"storage.endpoint_url={cfg.endpoint_url!r} is not an http(s) URL; e.g. "
-                "storage.endpoint_url=https://<account>.r2.cloudflarestorage.com or http://127.0.0.1:9000"
-            )
+    problems += checks.http_url(
+        "storage.endpoint_url",
+        cfg.endpoint_url,
+        "storage.endpoint_url=https://<account>.r2.cloudflarestorage.com or http://127.0.0.1:9000",
+    )
     return problems
 
 

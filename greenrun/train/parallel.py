@@ -7,10 +7,13 @@ A Parallel is built once per Trainer. `shard` runs before the optimizer is built
 DTensors, and the optimizer must hold those), `wrap` after torch.compile. `sync_grads(train_model, on)` brackets
 each micro-step of gradient accumulation, so only the last one reduces gradients.
 
-Checkpoints stay one format whatever the layout: the state is gathered to full tensors (`full_state_dict`, in host
-memory) on rank 0 and written as today, and an FSDP run loads any checkpoint by scattering the full state back
-into its shards (`set_state_dict`). So a run moves between ddp and fsdp and between world sizes freely; the price
-is rank 0's host memory for the whole state at each save (for GPT-2 124M with AdamW, 1.5 GB).
+Checkpoints, `distributed.checkpoint=full` (the default): the state is gathered to full tensors (`full_state_dict`,
+in host memory) on rank 0 and written in the one format every layout writes, and an FSDP run loads it by
+scattering the full state back into its shards (`set_state_dict`). So a run moves between ddp and fsdp and
+between world sizes freely; the price is rank 0's host memory for the whole state at each save (for GPT-2 124M
+with AdamW, 1.5 GB). `distributed.checkpoint=sharded` (fsdp only): every rank writes its own shards through
+torch.distributed.checkpoint and nothing is gathered (ckpt/sharded.py); fsdp reads them back on any world size,
+and one process or ddp reads them into full tensors.
 
 Evaluation and sampling run forwards; under FSDP every forward is a collective, so every rank runs the same
 number of them (Trainer.evaluate pads its share; sampling runs on every rank with the same seed).
@@ -21,23 +24,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from greenrun.ckpt.optim_keys import by_name, by_position
 from greenrun.core.fields import plain
 from greenrun.core.registry import Registry
 
 # Elementwise optimizers give the same update on a shard as on the whole tensor; Muon orthogonalises whole
 # matrices and Adafactor factors them by rows and columns, so on FSDP's row shards they would change the maths.
 FSDP_OPTIMIZERS = ("adamw", "lion", "adamw8bit")
+CHECKPOINTS = ("full", "sharded")
 
 
 @dataclass
 class DistributedConfig:
     name: str = plain("ddp")  # ddp (whole model on every rank) | fsdp (parameters, grads and state sharded)
     reshard_after_forward: bool = plain(True)  # fsdp: free each block's gathered weights after its forward
+    # full = gathered to rank 0, one format for any layout | sharded = fsdp only: every rank writes its own shards
+    # with torch.distributed.checkpoint, no full copy in any host's memory (run.dir on a filesystem all ranks see)
+    checkpoint: str = plain("full")
 
 
 class Parallel:
@@ -47,6 +54,11 @@ class Parallel:
 
     def __init__(self, cfg: DistributedConfig, world_size: int) -> None:
         self.cfg, self.world_size = cfg, world_size
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Every rank writes its own shards (fsdp with distributed.checkpoint=sharded); else rank 0 the full state."""
+        return self.sharded and self.cfg.checkpoint == "sharded"
 
     def shard(self, model: nn.Module, param_dtype: torch.dtype | None) -> None:
         """Before the optimizer is built: nothing to do for ddp."""
@@ -146,6 +158,13 @@ def build(cfg: DistributedConfig, world_size: int) -> Parallel:
 
 def validate(cfg: DistributedConfig, optimizer_name: str, precision_name: str) -> list[str]:
     problems = PARALLELISMS.problems(cfg.name)
+    if cfg.checkpoint not in CHECKPOINTS:
+        problems.append(f"distributed.checkpoint={cfg.checkpoint}: expected one of {', '.join(CHECKPOINTS)}")
+    elif cfg.checkpoint == "sharded" and cfg.name != "fsdp":
+        problems.append(
+            f"distributed.checkpoint=sharded with distributed={cfg.name}: only fsdp shards the state to write; "
+            "use distributed=fsdp, or distributed.checkpoint=full"
+        )
     if cfg.name == "fsdp" and optimizer_name not in FSDP_OPTIMIZERS:
         problems.append(
             f"distributed=fsdp with optimizer={optimizer_name}: it works on whole matrices, and FSDP gives each "
@@ -172,16 +191,3 @@ def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]
     """The name of every parameter the optimizer holds, in its order (torch.optim's state keys index it)."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def by_position(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name -> torch.optim's form, keyed by position."""
-    index = {n: i for i, n in enumerate(names)}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
-    return {"state": {index[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
-
-
-def by_name(osd: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """torch.optim's form, keyed by position -> keyed by parameter name (what set_state_dict takes)."""
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
-    return {"state": {names[int(i)]: s for i, s in osd["state"].items()}, "param_groups": groups}
