@@ -42,9 +42,8 @@ CHECKPOINTS = ("full", "sharded")
 class DistributedConfig:
     name: str = plain("ddp")  # ddp (whole model on every rank) | fsdp (parameters, grads and state sharded)
     reshard_after_forward: bool = plain(True)  # fsdp: free each block's gathered weights after its forward
-    # full = gathered to rank 0, one format for any layout | sharded = fsdp only: every rank writes its own shards
-    # with torch.distributed.checkpoint, no full copy in any host's memory (run.dir on a filesystem all ranks see)
-    checkpoint: str = plain("full")
+    # sharded: no host holds the whole state, and run.dir must be on a filesystem every rank sees
+    checkpoint: str = plain("full")  # full (gathered to rank 0) | sharded (fsdp: each rank writes its shards)
 
 
 class Parallel:
