@@ -23,7 +23,7 @@ from greenrun.core import checks, fields
 from greenrun.core.fields import maths, plain
 from greenrun.core.shipped import conf_dir, recipes_dir
 from greenrun.data import DataConfig
-from greenrun.runtime import budget, energy, profiling, sinks, spot, window
+from greenrun.runtime import budget, distributed, energy, profiling, sinks, spot, window
 from greenrun.runtime.budget import BudgetConfig
 from greenrun.runtime.energy import EnergyConfig
 from greenrun.runtime.spot import SpotConfig
@@ -338,47 +338,11 @@ def _trainer_problems(cfg: Config) -> list[str]:
         )
     if cfg.checkpoint.interval < 0:
         problems.append(f"checkpoint.interval: must be >= 0, got {cfg.checkpoint.interval}")
-    problems += _launch_problems(t)
+    problems += distributed.launch_problems(t.nproc_per_node, t.nnodes, t.rdzv_endpoint, t.max_restarts)
     if cfg.checkpoint.keep_last < 1:
         problems.append(
             f"checkpoint.keep_last: must be >= 1 (the newest checkpoint is always kept), got {cfg.checkpoint.keep_last}"
         )
-    return problems
-
-
-def node_range(nnodes: str) -> tuple[int, int] | None:
-    """trainer.nnodes as (min, max) machines: "2" -> (2, 2), "1:4" -> (1, 4); None when it is neither."""
-    low, sep, high = str(nnodes).strip().partition(":")
-    try:
-        span = (int(low), int(high) if sep else int(low))
-    except ValueError:
-        return None
-    return span if 1 <= span[0] <= span[1] else None
-
-
-def _launch_problems(t: TrainerConfig) -> list[str]:
-    """The launcher's keys (greenrun.launch): how many processes and machines, where they meet."""
-    problems = []
-    n = t.nproc_per_node
-    if n != "auto" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-        problems.append(f"trainer.nproc_per_node: must be a positive integer or auto, got {n!r}")
-    span = node_range(t.nnodes)
-    if span is None:
-        problems.append(
-            f"trainer.nnodes: must be a number of machines N >= 1 or a range MIN:MAX, got {t.nnodes!r}"
-        )
-    host, sep, port = t.rdzv_endpoint.rpartition(":")
-    if t.rdzv_endpoint and not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        problems.append(
-            f"trainer.rdzv_endpoint: must be host:port (e.g. node0:29500), got {t.rdzv_endpoint!r}"
-        )
-    elif span is not None and span[1] > 1 and not t.rdzv_endpoint:
-        problems.append(
-            f"trainer.nnodes={t.nnodes} needs trainer.rdzv_endpoint=HOST:PORT, the same on every machine "
-            "(e.g. the first machine's name and a free port: node0:29500)"
-        )
-    if t.max_restarts < 0:
-        problems.append(f"trainer.max_restarts: must be >= 0, got {t.max_restarts}")
     return problems
 
 

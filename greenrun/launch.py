@@ -48,6 +48,7 @@ from greenrun import config, job, runs
 from greenrun.ckpt import checkpoint
 from greenrun.config import Config, ConfigError
 from greenrun.core.fs import atomic_write
+from greenrun.runtime import distributed
 from greenrun.runtime.spot import EXIT_ABORTED, EXIT_LOCAL_ONLY, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def layout(cfg: Config) -> Layout | None:
     Under torchrun the keys are ignored (one note says so): that launcher already made this process a rank.
     """
     t = cfg.trainer
-    span = config.node_range(t.nnodes)
+    span = distributed.node_range(t.nnodes)
     assert span is not None, "config.validate checks trainer.nnodes"
     asked = (t.nproc_per_node, span, t.rdzv_endpoint, t.max_restarts) != (1, (1, 1), "", 0)
     if under_torchrun():

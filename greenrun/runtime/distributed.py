@@ -1,9 +1,11 @@
-"""Process-group setup for torchrun (NCCL on GPU, gloo on CPU); a single process needs none of it."""
+"""Process-group setup for torchrun (NCCL on GPU, gloo on CPU; a single process needs none of it), and the
+checks of the launcher's keys (trainer.nproc_per_node, nnodes, rdzv_endpoint, max_restarts)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,3 +94,41 @@ def min_int(value: int) -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+# --- the launcher's keys -------------------------------------------------------------------------------
+
+
+def node_range(nnodes: str) -> tuple[int, int] | None:
+    """trainer.nnodes as (min, max) machines: "2" -> (2, 2), "1:4" -> (1, 4); None when it is neither."""
+    low, sep, high = str(nnodes).strip().partition(":")
+    try:
+        span = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        return None
+    return span if 1 <= span[0] <= span[1] else None
+
+
+def launch_problems(nproc_per_node: Any, nnodes: str, rdzv_endpoint: str, max_restarts: int) -> list[str]:
+    """The launcher's keys (trainer.*, used by greenrun.launch): how many processes and machines, where they
+    meet, how often the group restarts."""
+    problems = []
+    n = nproc_per_node
+    if n != "auto" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        problems.append(f"trainer.nproc_per_node: must be a positive integer or auto, got {n!r}")
+    span = node_range(nnodes)
+    if span is None:
+        problems.append(
+            f"trainer.nnodes: must be a number of machines N >= 1 or a range MIN:MAX, got {nnodes!r}"
+        )
+    host, sep, port = rdzv_endpoint.rpartition(":")
+    if rdzv_endpoint and not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        problems.append(f"trainer.rdzv_endpoint: must be host:port (e.g. node0:29500), got {rdzv_endpoint!r}")
+    elif span is not None and span[1] > 1 and not rdzv_endpoint:
+        problems.append(
+            f"trainer.nnodes={nnodes} needs trainer.rdzv_endpoint=HOST:PORT, the same on every machine "
+            "(e.g. the first machine's name and a free port: node0:29500)"
+        )
+    if max_restarts < 0:
+        problems.append(f"trainer.max_restarts: must be >= 0, got {max_restarts}")
+    return problems
